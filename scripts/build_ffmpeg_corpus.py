@@ -27,15 +27,74 @@ OUT_DIR = ROOT / "ffmpeg"
 MIN_TOKENS, MAX_TOKENS = 300, 900
 FORBIDDEN = (" # # ", "<|im_")  # the benchmarks' chunk separator and chat-template markers
 
-# (slug, title line, html page, section anchor). The anchor is the `#...` link of the heading.
+# (slug, source "page#anchor" (the heading's `#` link), title line)
 TOPICS = [
-    # ffmpeg tool
-    ("ffmpeg_filtergraphs", "ffmpeg: simple and complex filtergraphs", "ffmpeg.html", "Filtering"),
-    ("ffmpeg_stream_copy", "ffmpeg: stream copy", "ffmpeg.html", "Stream-copy"),
-    ("ffmpeg_stream_selection", "ffmpeg: stream selection", "ffmpeg.html", "Description-1"),
-    ("ffmpeg_stream_specifiers", "ffmpeg: stream specifiers", "ffmpeg.html", "Stream-specifiers-1"),
-    ("ffmpeg_audio_options", "ffmpeg: audio options", "ffmpeg.html", "Audio-Options"),
-    ("ffmpeg_preset_files", "ffmpeg: preset files", "ffmpeg.html", "Preset-files"),
+    # ffmpeg, the command line tool
+    ("ffmpeg_overview", "ffmpeg.html#Description", "ffmpeg: overview of the command line tool"),
+    ("ffmpeg_filtergraphs", "ffmpeg.html#Filtering", "ffmpeg: simple and complex filtergraphs"),
+    ("ffmpeg_stream_selection", "ffmpeg.html#Description-1", "ffmpeg: stream selection"),
+    ("ffmpeg_stream_specifiers", "ffmpeg.html#Stream-specifiers-1", "ffmpeg: stream specifiers"),
+    ("ffmpeg_main_options", "ffmpeg.html#Main-options", "ffmpeg: main options"),
+    ("ffmpeg_video_options", "ffmpeg.html#Video-Options", "ffmpeg: video options"),
+    ("ffmpeg_audio_options", "ffmpeg.html#Audio-Options", "ffmpeg: audio options"),
+    ("ffmpeg_preset_files", "ffmpeg.html#Preset-files", "ffmpeg: preset files"),
+    # ffprobe and ffplay
+    ("ffprobe_overview", "ffprobe.html#Description", "ffprobe: overview of the multimedia stream analyzer"),
+    ("ffprobe_main_options", "ffprobe.html#Main-options", "ffprobe: main options"),
+    ("ffprobe_compact_csv_writer", "ffprobe.html#compact_002c-csv", "ffprobe: compact and csv output formats"),
+    ("ffplay_main_options", "ffplay.html#Main-options", "ffplay: main options"),
+    ("ffplay_advanced_options", "ffplay.html#Advanced-options", "ffplay: advanced options"),
+    # shared syntax and libraries
+    ("syntax_quoting_escaping", "ffmpeg-utils.html#Quoting-and-escaping", "FFmpeg syntax: quoting and escaping"),
+    ("syntax_video_size", "ffmpeg-utils.html#Video-size", "FFmpeg syntax: video size abbreviations"),
+    ("syntax_channel_layout", "ffmpeg-utils.html#Channel-Layout", "FFmpeg syntax: channel layouts"),
+    ("syntax_expressions", "ffmpeg-utils.html#Expression-Evaluation", "FFmpeg syntax: expression evaluation"),
+    ("scaler_options", "ffmpeg-scaler.html#Scaler-Options", "libswscale: scaler options"),
+    ("resampler_options", "ffmpeg-resampler.html#Resampler-Options", "libswresample: resampler options"),
+    # codecs
+    ("encoder_aac", "ffmpeg-codecs.html#aac", "aac: native AAC audio encoder"),
+    ("encoder_libmp3lame", "ffmpeg-codecs.html#libmp3lame-1", "libmp3lame: MP3 audio encoder"),
+    ("encoder_libopus", "ffmpeg-codecs.html#libopus-1", "libopus: Opus audio encoder"),
+    ("encoder_flac", "ffmpeg-codecs.html#flac-2", "flac: FLAC audio encoder"),
+    ("encoder_libx264", "ffmpeg-codecs.html#libx264_002c-libx264rgb", "libx264: H.264 video encoder"),
+    ("encoder_libx265", "ffmpeg-codecs.html#libx265", "libx265: H.265/HEVC video encoder"),
+    ("encoder_libsvtav1", "ffmpeg-codecs.html#libsvtav1", "libsvtav1: AV1 video encoder"),
+    ("encoder_prores", "ffmpeg-codecs.html#ProRes", "prores: Apple ProRes video encoder"),
+    ("encoder_libwebp", "ffmpeg-codecs.html#libwebp", "libwebp: WebP image encoder"),
+    ("decoder_dvdsub", "ffmpeg-codecs.html#dvdsub", "dvdsub: DVD subtitle decoder"),
+    ("bsf_setts", "ffmpeg-bitstream-filters.html#setts", "setts: bitstream filter to set timestamps"),
+    # formats (muxers and demuxers)
+    ("demuxer_hls", "ffmpeg-formats.html#hls-1", "hls: HTTP Live Streaming demuxer"),
+    ("demuxer_image2", "ffmpeg-formats.html#image2-1", "image2: image file demuxer"),
+    ("demuxer_concat", "ffmpeg-formats.html#concat-1", "concat: concatenation script demuxer"),
+    ("muxer_mp4", "ffmpeg-formats.html#mov_002c-mp4_002c-ismv", "mov, mp4, ismv: MOV/MP4 muxer"),
+    ("muxer_matroska", "ffmpeg-formats.html#matroska", "matroska: Matroska muxer"),
+    ("muxer_mp3", "ffmpeg-formats.html#mp3", "mp3: MP3 muxer"),
+    ("muxer_segment", "ffmpeg-formats.html#segment_002c-stream_005fsegment_002c-ssegment", "segment: segment muxer"),
+    ("muxer_tee", "ffmpeg-formats.html#tee-1", "tee: tee muxer"),
+    # protocols and devices
+    ("protocol_file", "ffmpeg-protocols.html#file", "file: file access protocol"),
+    ("protocol_udp", "ffmpeg-protocols.html#udp", "udp: UDP protocol"),
+    ("protocol_rtmp", "ffmpeg-protocols.html#rtmp", "rtmp: Real-Time Messaging Protocol"),
+    ("protocol_rtsp", "ffmpeg-protocols.html#rtsp", "rtsp: Real-Time Streaming Protocol"),
+    ("device_v4l2", "ffmpeg-devices.html#video4linux2_002c-v4l2", "video4linux2: Linux video capture input device"),
+    ("device_x11grab", "ffmpeg-devices.html#x11grab", "x11grab: X11 screen capture input device"),
+    # filters
+    ("filter_scale", "ffmpeg-filters.html#scale-1", "scale: video filter to resize"),
+    ("filter_overlay", "ffmpeg-filters.html#overlay-1", "overlay: video filter to overlay one video on another"),
+    ("filter_crop", "ffmpeg-filters.html#crop", "crop: video filter to crop"),
+    ("filter_drawtext", "ffmpeg-filters.html#drawtext-1", "drawtext: video filter to draw text"),
+    ("filter_fps", "ffmpeg-filters.html#fps-1", "fps: video filter to change the frame rate"),
+    ("filter_fade", "ffmpeg-filters.html#fade", "fade: video fade-in/fade-out filter"),
+    ("filter_xfade", "ffmpeg-filters.html#xfade", "xfade: video cross fade filter"),
+    ("filter_transpose", "ffmpeg-filters.html#transpose-1", "transpose: video filter to transpose rows with columns"),
+    ("filter_palettegen", "ffmpeg-filters.html#palettegen-1", "palettegen: video filter to generate a palette"),
+    ("filter_concat", "ffmpeg-filters.html#concat", "concat: filter to concatenate audio and video streams"),
+    ("filter_setpts", "ffmpeg-filters.html#setpts_002c-asetpts", "setpts, asetpts: filters to change timestamps"),
+    ("filter_volume", "ffmpeg-filters.html#volume", "volume: audio filter to adjust the volume"),
+    ("filter_loudnorm", "ffmpeg-filters.html#loudnorm", "loudnorm: EBU R128 loudness normalization audio filter"),
+    ("filter_amix", "ffmpeg-filters.html#amix", "amix: audio filter to mix inputs"),
+    ("filter_silencedetect", "ffmpeg-filters.html#silencedetect", "silencedetect: audio filter to detect silence"),
 ]
 
 
@@ -54,7 +113,7 @@ class ManualParser(HTMLParser):
     """Split a texi2html page into Sections of plain-text blocks.
 
     Block kinds: "p" (paragraph), "pre" (example, line breaks kept), "term" (a <dt> option name),
-    "item" (a list item). Headings start a new Section; the "#"/"TOC" links inside them are dropped.
+    "item" (a list item). ASCII-art diagrams are dropped. Headings start a new Section; the "#"/"TOC" links inside them are dropped.
     """
 
     BLOCK_TAGS = {"p", "pre", "dt", "dd", "li", "ul", "ol", "dl", "div", "table", "tr", "blockquote", "br"}
@@ -125,6 +184,8 @@ class ManualParser(HTMLParser):
         self.buf, self.kind = [], "pre" if self.pre_depth else "p"
         if self.heading or not self.sections:
             return  # text of a heading, or before the first heading (page title, table of contents)
+        if kind == "pre" and "___" in raw:
+            return  # an ASCII-art diagram: meaningless once whitespace is normalised
         if kind == "pre":
             text = "\n".join(clean(line) for line in raw.splitlines() if line.strip())
         else:
@@ -164,10 +225,11 @@ def section_blocks(sections: list[Section], anchor: str) -> list[tuple[str, str]
 
 
 def render(title: str, blocks: list[tuple[str, str]]) -> str:
-    """Title line, then one paragraph per block; consecutive option names share one paragraph."""
+    """Title line, then one paragraph per block; an option name (<dt>) shares its paragraph with the
+    names and the first paragraph that follow it."""
     paragraphs = [title]
     for i, (kind, text) in enumerate(blocks):
-        if kind == "term" and i > 0 and blocks[i - 1][0] == "term":
+        if i > 0 and blocks[i - 1][0] == "term":
             paragraphs[-1] += "\n" + text
         else:
             paragraphs.append(text)
@@ -181,8 +243,9 @@ def build_chunk(title: str, blocks: list[tuple[str, str]], count) -> str:
         if count(render(title, kept + [block])) > MAX_TOKENS:
             break
         kept.append(block)
-    while kept and kept[-1][0] in ("heading", "term"):  # no dangling heading or option name
-        kept.pop()
+    if len(kept) < len(blocks):  # cut: end neither on a heading, an option name nor an "e.g.:" line
+        while kept and (kept[-1][0] in ("heading", "term") or kept[-1][1].endswith(":")):
+            kept.pop()
     return render(title, kept)
 
 
@@ -213,6 +276,8 @@ def main() -> None:
     if args.list:
         for page in sorted(p.name for p in args.manual_dir.glob("ff*.html") if "-all" not in p.name):
             for s in sections_of(page):
+                if not s.anchor:
+                    continue  # the table of contents
                 n = count(render(s.title, section_blocks(sections_of(page), s.anchor)))
                 print(f"{n:6d}  {'  ' * s.level}{page}#{s.anchor}  {s.title}")
         return

@@ -254,9 +254,10 @@ class BlendEngine:
             # cached KV is from it, keep the most deviating cached tokens plus the question.
             layer = self.layers[check]
             q, k, v = self.project(layer, h)
-            fresh = v if cfg.deviation == "v" else k  # both pre-rotary, as stored
-            old = cached[check, 1] if cfg.deviation == "v" else cached[check, 0]
-            dev = ((fresh[:, :n_cached] - old) ** 2).sum(dim=(0, 2)) if n_cached else torch.zeros(0)
+            dev = torch.zeros(0)
+            if n_cached:  # both pre-rotary, as stored
+                fresh, old = (v, cached[check, 1]) if cfg.deviation == "v" else (k, cached[check, 0])
+                dev = ((fresh[:, :n_cached] - old) ** 2).sum(dim=(0, 2))
             sel = self.select_tokens(dev, cfg.ratio, n_cached, n)
             # The check layer's fresh K/V are already paid for: keep them for every token.
             k_cache[check][:, :n] = self.rotate(k, cos, sin)

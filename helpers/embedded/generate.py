@@ -1,0 +1,128 @@
+"""Text in, tokens out: segmentation, prefill in `blend` or `full` mode, sampling, stop strings and
+incremental detokenization. The server streams what `Generator.run` yields."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..prompts import split_segments
+from .blend import BlendConfig, BlendEngine
+from .kvstore import ChunkKVStore
+from .model import load_model
+
+
+@dataclass
+class Request:
+    segments: list[list[int]]
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # how many top alternatives to report per token
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Step:
+    text: str  # new text since the last step (may be "" while a multi-byte char is incomplete)
+    token: int | None = None
+    token_str: str = ""  # the token alone, decoded (for logprobs)
+    logprob: float | None = None
+    top_logprobs: dict[str, float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" on the last step
+
+
+class Generator:
+    """One model, one mode. Not thread-safe by design: the server runs one request at a time."""
+
+    def __init__(self, model: str | None = None, mode: str = "blend", blend: BlendConfig | None = None,
+                 store_bytes: int = 2 << 30, store_dir: str | Path | None = None):
+        if mode not in ("blend", "full"):
+            raise ValueError(f"mode must be 'blend' or 'full', not {mode!r}")
+        mdl, tok, path = load_model(model)
+        self.model_name = "smollm2" if model in (None, "smollm2") else Path(model).name
+        self.mode, self.tok, self.blend_cfg = mode, tok, blend or BlendConfig()
+        self.engine = BlendEngine(mdl, tok, ChunkKVStore(store_bytes, store_dir), model_id=str(path))
+        self.context_length = self.engine.max_len
+        self.stop_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+                         if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+
+    # ------------------------------------------------------------- prompts
+    def chat_text(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def segments(self, text: str, chat: bool) -> list[list[int]]:
+        """Token ids per segment; a plain completion prompt gets the tokenizer's BOS, a chat template
+        wrote its own."""
+        return self.engine.tokenize(split_segments(text), add_bos=not chat)
+
+    def precompute(self, text: str) -> dict:
+        """Compute (or find) the KV of one chunk, tokenized as it is inside a prompt."""
+        t0 = time.perf_counter()
+        ids = self.engine.tokenize([text])[0] if text else []
+        hit = True
+        if ids:
+            _, hit = self.engine.chunk_kv(ids)
+        return {"tokens": len(ids), "cached": hit, "ms": (time.perf_counter() - t0) * 1e3}
+
+    # ------------------------------------------------------------- generation
+    def prefill(self, segments: list[list[int]], room: int, explain: bool = False):
+        if self.mode == "blend":
+            return self.engine.blend_prefill(segments, self.blend_cfg, room=room, explain=explain)
+        return self.engine.full_prefill([t for s in segments for t in s], room=room)
+
+    def run(self, req: Request):
+        """Yield Steps: the first comes right after the prefill (that is the TTFT), the last has a
+        finish_reason. Stops early, without a final step, when req.cancelled is set."""
+        n_prompt = sum(len(s) for s in req.segments)
+        self.engine.check_length(n_prompt + req.max_tokens)
+        gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
+        state = self.prefill(req.segments, room=req.max_tokens)
+        self.last_info = state.info
+        ids: list[int] = []
+        sent = ""  # text already yielded
+        hold = max((len(s) for s in req.stop), default=1) - 1  # chars kept back: a stop may be starting
+        for i in range(req.max_tokens):
+            if req.cancelled.is_set():
+                return
+            logits = state.logits if i == 0 else self.engine.decode_step(state, ids[-1])
+            token, lp, top = self.sample(logits, req, gen)
+            if token in self.stop_ids:
+                yield Step(self.tok.decode(ids, skip_special_tokens=True)[len(sent):], finish_reason="stop")
+                return
+            ids.append(token)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            step = Step("", token, self.tok.decode([token]), lp, top)
+            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+            if cut >= 0 or i == req.max_tokens - 1:
+                step.text = text[len(sent):cut] if cut >= 0 else text[len(sent):]
+                step.finish_reason = "stop" if cut >= 0 else "length"
+                yield step
+                return
+            ready = text[: len(text) - hold] if hold else text
+            if not ready.endswith("\ufffd") and len(ready) > len(sent):  # no half multi-byte char
+                step.text, sent = ready[len(sent):], ready
+            yield step
+
+    def sample(self, logits: torch.Tensor, req: Request, gen):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if req.temperature <= 0:
+            token = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits.float() / req.temperature, dim=-1)
+            if req.top_p < 1.0:
+                p_sorted, idx = torch.sort(probs, descending=True)
+                keep = torch.cumsum(p_sorted, 0) - p_sorted < req.top_p  # always keeps the top token
+                probs = torch.zeros_like(probs).scatter(0, idx[keep], p_sorted[keep])
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        top = None
+        if req.logprobs:
+            vals, idx = torch.topk(logp, req.logprobs)
+            top = {self.tok.decode([int(j)]): float(v) for v, j in zip(vals, idx, strict=True)}
+        return token, float(logp[token]), top
