@@ -41,11 +41,15 @@ TOPICS = [
     # ffprobe and ffplay
     ("ffprobe_overview", "ffprobe.html#Description", "ffprobe: overview of the multimedia stream analyzer"),
     ("ffprobe_main_options", "ffprobe.html#Main-options", "ffprobe: main options"),
-    ("ffprobe_compact_csv_writer", "ffprobe.html#compact_002c-csv", "ffprobe: compact and csv output formats"),
+    ("ffprobe_compact_csv_writer", "ffprobe.html#compact_002c-csv", "ffprobe: compact and csv writers"),
     ("ffplay_main_options", "ffplay.html#Main-options", "ffplay: main options"),
     ("ffplay_advanced_options", "ffplay.html#Advanced-options", "ffplay: advanced options"),
     # shared syntax and libraries
-    ("syntax_quoting_escaping", "ffmpeg-utils.html#Quoting-and-escaping", "FFmpeg syntax: quoting and escaping"),
+    (
+        "syntax_quoting_escaping",
+        "ffmpeg-utils.html#Quoting-and-escaping",
+        "FFmpeg syntax: quoting and escaping",
+    ),
     ("syntax_video_size", "ffmpeg-utils.html#Video-size", "FFmpeg syntax: video size abbreviations"),
     ("syntax_channel_layout", "ffmpeg-utils.html#Channel-Layout", "FFmpeg syntax: channel layouts"),
     ("syntax_expressions", "ffmpeg-utils.html#Expression-Evaluation", "FFmpeg syntax: expression evaluation"),
@@ -70,31 +74,35 @@ TOPICS = [
     ("muxer_mp4", "ffmpeg-formats.html#mov_002c-mp4_002c-ismv", "mov, mp4, ismv: MOV/MP4 muxer"),
     ("muxer_matroska", "ffmpeg-formats.html#matroska", "matroska: Matroska muxer"),
     ("muxer_mp3", "ffmpeg-formats.html#mp3", "mp3: MP3 muxer"),
-    ("muxer_segment", "ffmpeg-formats.html#segment_002c-stream_005fsegment_002c-ssegment", "segment: segment muxer"),
+    (
+        "muxer_segment",
+        "ffmpeg-formats.html#segment_002c-stream_005fsegment_002c-ssegment",
+        "segment: segment muxer",
+    ),
     ("muxer_tee", "ffmpeg-formats.html#tee-1", "tee: tee muxer"),
     # protocols and devices
     ("protocol_file", "ffmpeg-protocols.html#file", "file: file access protocol"),
     ("protocol_udp", "ffmpeg-protocols.html#udp", "udp: UDP protocol"),
     ("protocol_rtmp", "ffmpeg-protocols.html#rtmp", "rtmp: Real-Time Messaging Protocol"),
     ("protocol_rtsp", "ffmpeg-protocols.html#rtsp", "rtsp: Real-Time Streaming Protocol"),
-    ("device_v4l2", "ffmpeg-devices.html#video4linux2_002c-v4l2", "video4linux2: Linux video capture input device"),
+    ("device_v4l2", "ffmpeg-devices.html#video4linux2_002c-v4l2", "video4linux2: Linux video capture device"),
     ("device_x11grab", "ffmpeg-devices.html#x11grab", "x11grab: X11 screen capture input device"),
     # filters
     ("filter_scale", "ffmpeg-filters.html#scale-1", "scale: video filter to resize"),
-    ("filter_overlay", "ffmpeg-filters.html#overlay-1", "overlay: video filter to overlay one video on another"),
+    ("filter_overlay", "ffmpeg-filters.html#overlay-1", "overlay: video filter to overlay videos"),
     ("filter_crop", "ffmpeg-filters.html#crop", "crop: video filter to crop"),
     ("filter_drawtext", "ffmpeg-filters.html#drawtext-1", "drawtext: video filter to draw text"),
     ("filter_fps", "ffmpeg-filters.html#fps-1", "fps: video filter to change the frame rate"),
     ("filter_fade", "ffmpeg-filters.html#fade", "fade: video fade-in/fade-out filter"),
     ("filter_xfade", "ffmpeg-filters.html#xfade", "xfade: video cross fade filter"),
-    ("filter_transpose", "ffmpeg-filters.html#transpose-1", "transpose: video filter to transpose rows with columns"),
-    ("filter_palettegen", "ffmpeg-filters.html#palettegen-1", "palettegen: video filter to generate a palette"),
+    ("filter_transpose", "ffmpeg-filters.html#transpose-1", "transpose: video rotation filter"),
+    ("filter_palettegen", "ffmpeg-filters.html#palettegen-1", "palettegen: palette generation filter"),
     ("filter_concat", "ffmpeg-filters.html#concat", "concat: filter to concatenate audio and video streams"),
-    ("filter_setpts", "ffmpeg-filters.html#setpts_002c-asetpts", "setpts, asetpts: filters to change timestamps"),
+    ("filter_setpts", "ffmpeg-filters.html#setpts_002c-asetpts", "setpts, asetpts: timestamp filters"),
     ("filter_volume", "ffmpeg-filters.html#volume", "volume: audio filter to adjust the volume"),
-    ("filter_loudnorm", "ffmpeg-filters.html#loudnorm", "loudnorm: EBU R128 loudness normalization audio filter"),
+    ("filter_loudnorm", "ffmpeg-filters.html#loudnorm", "loudnorm: EBU R128 loudness normalization"),
     ("filter_amix", "ffmpeg-filters.html#amix", "amix: audio filter to mix inputs"),
-    ("filter_silencedetect", "ffmpeg-filters.html#silencedetect", "silencedetect: audio filter to detect silence"),
+    ("filter_silencedetect", "ffmpeg-filters.html#silencedetect", "silencedetect: silence detection filter"),
 ]
 
 
@@ -113,7 +121,8 @@ class ManualParser(HTMLParser):
     """Split a texi2html page into Sections of plain-text blocks.
 
     Block kinds: "p" (paragraph), "pre" (example, line breaks kept), "term" (a <dt> option name),
-    "item" (a list item). ASCII-art diagrams are dropped. Headings start a new Section; the "#"/"TOC" links inside them are dropped.
+    "item" (a list item). ASCII-art diagrams are dropped. Headings start a new Section; the "#" and
+    "TOC" links inside them are dropped.
     """
 
     BLOCK_TAGS = {"p", "pre", "dt", "dd", "li", "ul", "ol", "dl", "div", "table", "tr", "blockquote", "br"}
@@ -228,7 +237,7 @@ def render(title: str, blocks: list[tuple[str, str]]) -> str:
     """Title line, then one paragraph per block; an option name (<dt>) shares its paragraph with the
     names and the first paragraph that follow it."""
     paragraphs = [title]
-    for i, (kind, text) in enumerate(blocks):
+    for i, (_, text) in enumerate(blocks):
         if i > 0 and blocks[i - 1][0] == "term":
             paragraphs[-1] += "\n" + text
         else:
@@ -284,7 +293,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = []
-    for slug, title, page, anchor in TOPICS:
+    for slug, source, title in TOPICS:
+        page, anchor = source.split("#")
         text = build_chunk(title, section_blocks(sections_of(page), anchor), count)
         n = count(text)
         if not MIN_TOKENS <= n <= MAX_TOKENS:
@@ -293,9 +303,7 @@ def main() -> None:
         if bad:
             sys.exit(f"{slug}: contains {bad}")
         (args.out / f"{slug}.txt").write_text(text, encoding="utf-8")
-        manifest.append(
-            {"name": slug, "file": f"{slug}.txt", "title": title, "source": f"{page}#{anchor}", "tokens": n}
-        )
+        manifest.append({"name": slug, "file": f"{slug}.txt", "title": title, "source": source, "tokens": n})
     for stale in sorted(set(args.out.glob("*.txt")) - {args.out / m["file"] for m in manifest}):
         stale.unlink()
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -91,3 +91,7 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     mdl = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     mdl.eval()
     return mdl, tok, path
+
+
+if __name__ == "__main__":  # `python -m helpers.embedded.model`: convert the default model now
+    print(resolve_model_dir())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Start the two engines in the background and return once both answer:
+#   blend engine (reuses cached chunk KV) on http://127.0.0.1:8000/v1
+#   full  engine (plain prefill)          on http://127.0.0.1:8001/v1
+# Usage: ./launch_engines.sh [--backend auto|embedded|vllm] [--model PATH] [--blend-port N] [--full-port N]
+#        ./launch_engines.sh status | stop
+# Logs and pid files live in .engines/. See `python -m helpers.engines --help` for every option.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+[ -x "$PY" ] || PY=python3
+exec "$PY" -m helpers.engines "$@"
