@@ -1,0 +1,174 @@
+"""Benchmarks, printed as tables of numbers measured side by side in one run.
+
+    python -m helpers.bench blend    # in-process: full prefill vs blend vs full reuse, TTFT + fidelity
+    python -m helpers.bench engines  # against the running engines on :8000 / :8001, over HTTP
+
+Absolute times depend on the machine; read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from . import corpus
+from .prompts import build_messages, split_segments
+
+
+# ------------------------------------------------------------------ prompts from the corpus
+def rag_prompts(n_tokens: int, n_prompts: int, seed: int = 0) -> list[tuple[list[str], str]]:
+    """`n_prompts` (chunks, question) pairs: chunks adding up to about n_tokens, shuffled into a new
+    order each time, and a question from the QA file about one of them where possible."""
+    qa = corpus.load_qa()
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_prompts):
+        names = corpus.pick_chunks(n_tokens, seed=seed * 1000 + i)
+        rng.shuffle(names)
+        about = [q for q in qa if q["chunk"] in names] or qa
+        out.append(([corpus.load_chunk(n) for n in names], rng.choice(about)["question"]))
+    return out
+
+
+def kl(p_logits, q_logits) -> float:
+    """KL(p || q) of next-token distributions given as logits."""
+    import torch
+
+    lp, lq = torch.log_softmax(p_logits.float(), -1), torch.log_softmax(q_logits.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+# ------------------------------------------------------------------ in-process engine benchmark
+def bench_blend(engine, sizes=(1024, 2048, 4096), n_prompts=20, ratio=0.15, check_layer=1,
+                deviation="v", seed=0, log=print) -> list[dict]:
+    """For each context size: TTFT (prefill to first-token logits) of full prefill, blend and full
+    reuse on warm, reordered chunks; first-token agreement and mean KL against full prefill."""
+    from .embedded.blend import BlendConfig
+
+    blend_cfg = BlendConfig(ratio, check_layer, deviation)
+    reuse_cfg = BlendConfig(0.0, check_layer, deviation)
+    rows = []
+    for size in sizes:
+        t = {"full": [], "blend": [], "reuse": []}
+        agree = {"blend": 0, "reuse": 0}
+        kls = {"blend": [], "reuse": []}
+        n_tok = []
+        for chunks, question in rag_prompts(size, n_prompts, seed):
+            text = engine.tok.apply_chat_template(build_messages(chunks, question), tokenize=False,
+                                                  add_generation_prompt=True)
+            segs = engine.tokenize(split_segments(text))
+            for s in segs[:-1]:  # warm: every chunk's KV is in the store (seen before, in another order)
+                engine.chunk_kv(s)
+            ids = [x for s in segs for x in s]
+            n_tok.append(len(ids))
+            t0 = time.perf_counter()
+            full = engine.full_prefill(ids)
+            t["full"].append(time.perf_counter() - t0)
+            for name, cfg in (("blend", blend_cfg), ("reuse", reuse_cfg)):
+                t0 = time.perf_counter()
+                out = engine.blend_prefill(segs, cfg)
+                t[name].append(time.perf_counter() - t0)
+                agree[name] += int(out.logits.argmax() == full.logits.argmax())
+                kls[name].append(kl(full.logits, out.logits))
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        row = {"target_tokens": size, "tokens": round(statistics.mean(n_tok)), "prompts": n_prompts,
+               "full_ms": med["full"], "blend_ms": med["blend"], "reuse_ms": med["reuse"],
+               "blend_speedup": med["full"] / med["blend"], "reuse_speedup": med["full"] / med["reuse"],
+               "blend_top1": agree["blend"] / n_prompts, "reuse_top1": agree["reuse"] / n_prompts,
+               "blend_kl": statistics.mean(kls["blend"]), "reuse_kl": statistics.mean(kls["reuse"])}
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+BLEND_HEADER = (f"{'tokens':>7} {'full ms':>8} {'blend ms':>9} {'reuse ms':>9} {'blend x':>8} "
+                f"{'reuse x':>8} {'top1 blend':>10} {'top1 reuse':>10} {'KL blend':>9} {'KL reuse':>9}")
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['tokens']:>7} {r['full_ms']:>8.0f} {r['blend_ms']:>9.0f} {r['reuse_ms']:>9.0f} "
+            f"{r['blend_speedup']:>7.2f}x {r['reuse_speedup']:>7.2f}x {r['blend_top1']:>10.0%} "
+            f"{r['reuse_top1']:>10.0%} {r['blend_kl']:>9.4f} {r['reuse_kl']:>9.4f}")
+
+
+# ------------------------------------------------------------------ live engines over HTTP
+def sweep_engines(sizes=(512, 1024, 2048), repeats=3, max_tokens=1, seed=0, engines=None,
+                  log=print) -> list[dict]:
+    """TTFT of the blend and full engines, one after the other, on reordered chunks the blend engine
+    has seen before. One row per (size, repeat, engine)."""
+    from .client import ask_one_by_one
+
+    rows = []
+    for size in sizes:
+        prompts = rag_prompts(size, repeats + 1, seed)
+        warm_chunks = [c for chunks, _ in prompts for c in chunks]
+        _precompute(warm_chunks, engines)
+        for rep, (chunks, question) in enumerate(prompts[1:]):
+            res = ask_one_by_one(chunks, question, max_tokens=max_tokens, engines=engines)
+            for name, a in res.items():
+                if a.error:
+                    raise RuntimeError(a.error)
+                rows.append({"target_tokens": size, "tokens": a.prompt_tokens, "repeat": rep,
+                             "engine": name, "ttft_ms": a.ttft_s * 1e3, "answer": a.text})
+            b, f = res["blend"], res["full"]
+            log(f"{size:>6} tokens  repeat {rep}: full {f.ttft_s * 1e3:7.0f} ms   blend "
+                f"{b.ttft_s * 1e3:7.0f} ms   speed-up {f.ttft_s / b.ttft_s:5.2f}x")
+    return rows
+
+
+def _precompute(chunks: list[str], engines=None) -> None:
+    from . import engines as eng
+
+    blend = engines[0] if engines else eng.find("blend")
+    eng.precompute(blend, list(dict.fromkeys(chunks)), progress=False)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Median TTFT per size and engine, and the speed-up."""
+    out = []
+    for size in sorted({r["target_tokens"] for r in rows}):
+        med = {e: statistics.median(r["ttft_ms"] for r in rows
+                                    if r["target_tokens"] == size and r["engine"] == e)
+               for e in ("blend", "full")}
+        toks = [r["tokens"] for r in rows if r["target_tokens"] == size and r["tokens"]]
+        out.append({"tokens": round(statistics.mean(toks)) if toks else size,
+                    "full_ms": med["full"], "blend_ms": med["blend"],
+                    "speedup": med["full"] / med["blend"]})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["blend", "engines"])
+    ap.add_argument("--sizes", default=None, help="comma-separated context sizes in tokens")
+    ap.add_argument("--prompts", type=int, default=20, help="blend: prompts per size")
+    ap.add_argument("--repeats", type=int, default=5, help="engines: queries per size")
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--check-layer", type=int, default=1)
+    ap.add_argument("--deviation", default="v", help="v, k, or v,k to compare both")
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args(argv)
+    if args.what == "blend":
+        from .embedded.blend import BlendEngine
+        from .embedded.model import load_model
+
+        sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
+        mdl, tok, path = load_model(args.model)
+        engine = BlendEngine(mdl, tok, model_id=str(path))
+        for dev in args.deviation.split(","):
+            print(f"\nratio {args.ratio}, check layer {args.check_layer}, deviation on {dev.upper()}, "
+                  f"{args.prompts} reordered prompts per size, warm chunk cache")
+            print(BLEND_HEADER)
+            bench_blend(engine, sizes, args.prompts, args.ratio, args.check_layer, dev)
+    else:
+        sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
+        rows = sweep_engines(sizes, args.repeats)
+        print(f"\n{'tokens':>7} {'full ms':>8} {'blend ms':>9} {'speed-up':>9}")
+        for r in summarize(rows):
+            print(f"{r['tokens']:>7} {r['full_ms']:>8.0f} {r['blend_ms']:>9.0f} {r['speedup']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
