@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from .kvstore import ChunkKVStore, chunk_key
 
@@ -92,9 +92,15 @@ class BlendEngine:
         return q, k, v
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply rotary embedding to x [heads, t, d] with cos/sin [1, t, d] (transformers' function)."""
-        return apply_rotary_pos_emb(x[None], x[None], cos, sin)[0][0]
+    def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotary embedding of q [heads, t, d] and k [kv, t, d], cos/sin [1, t, d] (transformers')."""
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        return q[0], k[0]
+
+    @staticmethod
+    def rotate_k(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The same rotation for K alone (re-rotating cached keys needs no query)."""
+        return k * cos + rotate_half(k) * sin
 
     def finish(self, layer, h, q, k_all, v_all, q_pos: torch.Tensor, n_keys: int):
         """Attention of queries at positions q_pos over keys 0..n_keys-1, then o_proj, residual, MLP."""
@@ -118,7 +124,7 @@ class BlendEngine:
         for i in layers:
             layer = self.layers[i]
             q, k, v = self.project(layer, h)
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+            q, k = self.rotate(q, k, cos, sin)
             k_cache[i][:, pos] = k
             v_cache[i][:, pos] = v
             h = self.finish(layer, h, q, k_cache[i], v_cache[i], pos, n_keys)
@@ -147,7 +153,7 @@ class BlendEngine:
         for i, layer in enumerate(self.layers):
             q, k, v = self.project(layer, h)
             out[i, 0], out[i, 1] = k, v
-            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+            q, k = self.rotate(q, k, cos, sin)
             h = self.finish(layer, h, q, k, v, pos, n)
         return out
 
@@ -168,7 +174,7 @@ class BlendEngine:
         stored pre-rotary K is exactly what a prefill does at those positions; rotating an already
         rotated K by the position delta would add a rounding error of its own."""
         cos, sin = self.rope(torch.arange(start, start + k_pre.shape[1]))
-        return self.rotate(k_pre, cos, sin)
+        return self.rotate_k(k_pre, cos, sin)
 
     # ---------------------------------------------------------------- step 3: selection
     @staticmethod
@@ -234,7 +240,7 @@ class BlendEngine:
         k_cache, v_cache = self.new_cache(n, room)
         for i in range(check, self.n_layers):
             if n_cached:
-                k_cache[i][:, :n_cached] = self.rotate(cached[i, 0], cos[:, :n_cached], sin[:, :n_cached])
+                k_cache[i][:, :n_cached] = self.rotate_k(cached[i, 0], cos[:, :n_cached], sin[:, :n_cached])
                 v_cache[i][:, :n_cached] = cached[i, 1]
         lap("rerotate")
 
@@ -260,9 +266,10 @@ class BlendEngine:
                 dev = ((fresh[:, :n_cached] - old) ** 2).sum(dim=(0, 2))
             sel = self.select_tokens(dev, cfg.ratio, n_cached, n)
             # The check layer's fresh K/V are already paid for: keep them for every token.
-            k_cache[check][:, :n] = self.rotate(k, cos, sin)
+            q, k = self.rotate(q, k, cos, sin)
+            k_cache[check][:, :n] = k
             v_cache[check][:, :n] = v
-            q_sel = self.rotate(q[:, sel], cos[:, sel], sin[:, sel])
+            q_sel = q[:, sel]
             h = self.finish(layer, h[sel], q_sel, k_cache[check], v_cache[check], sel, n)
             lap("check_layer")
             if explain:
