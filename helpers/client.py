@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import httpx
 import openai
 
 from . import engines as eng
@@ -90,8 +91,9 @@ def stream_answer(e: eng.Engine, chunks: list[str], question: str, max_tokens: i
                      "Start it with `./launch_engines.sh` or helpers.engines.start().")
     except openai.APIStatusError as err:
         ans.error = f"The {e.name} engine answered {err.status_code}: {_message(err)}"
-    except openai.APIError as err:
-        ans.error = f"The {e.name} engine failed mid-answer: {err}"
+    except (openai.APIError, httpx.HTTPError) as err:  # e.g. the engine died while streaming
+        ans.error = (f"The {e.name} engine failed mid-answer ({type(err).__name__}: {err}). "
+                     f"Its log: {e.log}")
     ans.done = True
     if on_update:
         on_update(ans)
