@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Two or more GPUs: install the GPU extra (vLLM + LMCache) instead of the CPU engine's torch build.
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
-EXTRAS := $(if $(filter-out 0 1,$(GPUS)),gpu$(comma)test,cpu$(comma)test)
 comma := ,
+EXTRAS := $(if $(filter-out 0 1,$(GPUS)),gpu$(comma)test,cpu$(comma)test)
 
 .PHONY: setup lab test lint engines stop strip clean
 
