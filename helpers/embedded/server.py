@@ -42,13 +42,14 @@ def error_response(e: BadRequest) -> JSONResponse:
 
 # ------------------------------------------------------------------ request validation
 def _get(body: dict, name: str, types, default=None, check=None, hint: str = ""):
-    value = body.get(name, default)
+    """body[name] if present: of `types` (a JSON true is no number here) and passing `check`."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise BadRequest(f"'{name}' must be {hint or types}, got {value!r}", name, code="invalid_type")
-    if not isinstance(value, types):
-        raise BadRequest(f"'{name}' must be {hint or types}, got {value!r}", name, code="invalid_type")
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise BadRequest(f"'{name}' must be {hint or ' or '.join(t.__name__ for t in types)}, got "
+                         f"{value!r}", name, code="invalid_type")
     if check and not check(value):
         raise BadRequest(f"'{name}' is out of range: {hint}, got {value!r}", name)
     return value
@@ -72,8 +73,7 @@ def parse_common(body: dict, gen: Generator, chat: bool) -> tuple[GenRequest, di
                              lambda v: 0 <= v <= 2, "a number from 0 to 2"))
     top_p = float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"))
     seed = _get(body, "seed", int, None)
-    n = _get(body, "n", int, 1, lambda v: v == 1, "only n = 1 is supported")
-    del n
+    _get(body, "n", int, 1, lambda v: v == 1, "only n = 1 is supported")
     stop = body.get("stop")
     if stop is None:
         stop = []
