@@ -1,0 +1,498 @@
+"""Widgets for notebook 01: a chunk picker, two side-by-side streaming answer panes, and the app that
+ties them to the engines and to a live TTFT chart.
+
+The picker and the panes are anywidgets with their JavaScript inline (no CDN, no build step): the
+picker uses native HTML5 drag-and-drop and its Python `order` trait is the API, so a script sets
+`picker.order = [...]` and a user drags; both go through the same code. DOM elements carry stable
+`data-testid`s and `kvb-*` classes for browser tests.
+
+Streaming answers arrive on two threads, token by token. `StreamPanes.update` coalesces them so the
+front end gets at most ~15 messages a second, plus one at each first token (TTFT must show at once)
+and one at the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import anywidget
+import ipywidgets as w
+import traitlets as t
+
+from . import client, corpus, plots
+from . import engines as eng
+
+# ------------------------------------------------------------------ chunk picker
+PICKER_JS = r"""
+function el(tag, attrs = {}, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  e.append(...kids);
+  return e;
+}
+
+function render({ model, el: host }) {
+  const root = el("div", { class: "kvb-picker", "data-testid": "chunk-picker" });
+  host.appendChild(root);
+  const setOrder = (order) => { model.set("order", order); model.save_changes(); };
+  let dragged = null;
+
+  // Drop `name` before or after `target` (or at the end when target is null) in the context.
+  function dropAt(name, target, after) {
+    const order = model.get("order").filter((n) => n !== name);
+    let i = target === null ? order.length : order.indexOf(target) + (after ? 1 : 0);
+    if (i < 0) i = order.length;
+    order.splice(i, 0, name);
+    setOrder(order);
+  }
+  function clearMarks() {
+    root.querySelectorAll(".kvb-drop-before, .kvb-drop-after")
+      .forEach((e) => e.classList.remove("kvb-drop-before", "kvb-drop-after"));
+  }
+  function draggable(li, name) {
+    li.draggable = true;
+    li.addEventListener("dragstart", (ev) => {
+      dragged = name;
+      ev.dataTransfer.setData("text/plain", name);
+      ev.dataTransfer.effectAllowed = "move";
+      li.classList.add("kvb-dragging");
+    });
+    li.addEventListener("dragend", () => {
+      dragged = null;
+      li.classList.remove("kvb-dragging");
+      clearMarks();
+    });
+  }
+  const nameOf = (ev) => ev.dataTransfer.getData("text/plain") || dragged;
+
+  function draw() {
+    const scroll = root.querySelector(".kvb-library")?.scrollTop || 0;  // keep it across redraws
+    const chunks = model.get("chunks");
+    const order = model.get("order");
+    const byName = Object.fromEntries(chunks.map((c) => [c.name, c]));
+    const count = el("span", { class: "kvb-token-count", "data-testid": "token-count" },
+                     `${model.get("tokens")} tokens in ${order.length} chunks`);
+    const selected = el("ol", { class: "kvb-selected", "data-testid": "selected-chunks" });
+    order.forEach((name, i) => {
+      const c = byName[name] || { title: name, tokens: "?" };
+      const btn = (label, testid, title, fn) =>
+        el("button", { class: "kvb-btn", "data-testid": testid, title, onclick: fn }, label);
+      const move = (d) => () => {
+        const o = [...order]; const j = i + d;
+        if (j < 0 || j >= o.length) return;
+        [o[i], o[j]] = [o[j], o[i]]; setOrder(o);
+      };
+      const li = el("li", { class: "kvb-chunk kvb-chunk-selected", "data-testid": "selected-chunk",
+                            "data-name": name },
+        el("span", { class: "kvb-handle", title: "drag to reorder" }, "⠿"),
+        el("span", { class: "kvb-pos" }, `${i + 1}.`),
+        el("span", { class: "kvb-title" }, c.title),
+        el("span", { class: "kvb-tokens" }, `${c.tokens}`),
+        btn("▲", "move-up", "move up", move(-1)), btn("▼", "move-down", "move down", move(1)),
+        btn("✕", "remove", "remove from the context", () => setOrder(order.filter((n) => n !== name))));
+      draggable(li, name);
+      li.addEventListener("dragover", (ev) => {
+        ev.preventDefault();
+        ev.stopPropagation();
+        const r = li.getBoundingClientRect();
+        const after = ev.clientY > r.top + r.height / 2;
+        clearMarks();
+        li.classList.add(after ? "kvb-drop-after" : "kvb-drop-before");
+      });
+      li.addEventListener("drop", (ev) => {
+        ev.preventDefault();
+        ev.stopPropagation();
+        const r = li.getBoundingClientRect();
+        const src = nameOf(ev);
+        clearMarks();
+        if (src && src !== name) dropAt(src, name, ev.clientY > r.top + r.height / 2);
+      });
+      selected.appendChild(li);
+    });
+    if (!order.length) selected.appendChild(
+      el("li", { class: "kvb-empty" }, "Tick chunks below, or drag them here."));
+    selected.addEventListener("dragover", (ev) => ev.preventDefault());
+    selected.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      clearMarks();
+      const src = nameOf(ev);
+      if (src) dropAt(src, null, true);
+    });
+
+    const library = el("ul", { class: "kvb-library", "data-testid": "chunk-library" });
+    for (const c of chunks) {
+      const box = el("input", { type: "checkbox", class: "kvb-check", "data-testid": "chunk-checkbox" });
+      box.checked = order.includes(c.name);
+      box.addEventListener("change", () => setOrder(
+        box.checked ? [...order, c.name] : order.filter((n) => n !== c.name)));
+      const li = el("li", { class: "kvb-chunk kvb-chunk-library" + (box.checked ? " kvb-in-context" : ""),
+                            "data-testid": "library-chunk", "data-name": c.name },
+        el("label", {}, box, el("span", { class: "kvb-title" }, c.title)),
+        el("span", { class: "kvb-tokens" }, `${c.tokens}`));
+      draggable(li, c.name);
+      library.appendChild(li);
+    }
+    // Dropping a context chunk on the library takes it out of the context.
+    library.addEventListener("dragover", (ev) => ev.preventDefault());
+    library.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      const src = nameOf(ev);
+      if (src && model.get("order").includes(src)) setOrder(model.get("order").filter((n) => n !== src));
+    });
+
+    root.replaceChildren(
+      el("div", { class: "kvb-head" }, el("b", {}, "Context, in prompt order "),
+         el("span", { class: "kvb-hint" }, "(drag to reorder) "), count),
+      selected,
+      el("div", { class: "kvb-head" }, el("b", {}, "Library "),
+         el("span", { class: "kvb-hint" }, "(tick to add; tokens per chunk on the right)")),
+      library);
+    library.scrollTop = scroll;
+  }
+  const onCount = () => {
+    const c = root.querySelector("[data-testid=token-count]");
+    if (c) c.textContent = `${model.get("tokens")} tokens in ${model.get("order").length} chunks`;
+  };
+  draw();
+  model.on("change:order", draw);
+  model.on("change:chunks", draw);
+  model.on("change:tokens", onCount);
+  return () => {
+    model.off("change:order", draw);
+    model.off("change:chunks", draw);
+    model.off("change:tokens", onCount);
+  };
+}
+export default { render };
+"""
+
+PICKER_CSS = """
+.kvb-picker { font-size: 13px; max-width: 760px; }
+.kvb-picker .kvb-head { margin: 6px 0 4px; }
+.kvb-picker .kvb-hint { color: #777; }
+.kvb-picker .kvb-token-count { float: right; font-weight: 600; color: #1f9e89; }
+.kvb-picker ol, .kvb-picker ul { list-style: none; margin: 0; padding: 4px; border: 1px solid #ccc;
+  border-radius: 4px; }
+.kvb-picker ol.kvb-selected { min-height: 34px; background: #f3faf8; }
+.kvb-picker ul.kvb-library { max-height: 240px; overflow-y: auto; }
+.kvb-picker .kvb-chunk { display: flex; gap: 6px; align-items: center; padding: 3px 6px;
+  border-bottom: 1px solid #eee; cursor: grab; background: white; }
+.kvb-picker .kvb-chunk .kvb-title, .kvb-picker .kvb-chunk label { flex: 1; }
+.kvb-picker .kvb-tokens { color: #777; font-variant-numeric: tabular-nums; }
+.kvb-picker .kvb-in-context { background: #f3faf8; }
+.kvb-picker .kvb-dragging { opacity: 0.4; }
+.kvb-picker .kvb-drop-before { box-shadow: inset 0 3px 0 #1f9e89; }
+.kvb-picker .kvb-drop-after { box-shadow: inset 0 -3px 0 #1f9e89; }
+.kvb-picker .kvb-handle { color: #999; }
+.kvb-picker .kvb-btn { border: none; background: none; cursor: pointer; padding: 0 3px; color: #555; }
+.kvb-picker .kvb-empty { color: #777; font-style: italic; padding: 6px; }
+"""
+
+
+class ChunkPicker(anywidget.AnyWidget):
+    """Pick chunks from the ffmpeg/ corpus and put them in prompt order.
+
+    `order` (chunk names, first chunk first) is the API: the browser writes it on every tick or
+    drag, and code may set it. `tokens` is the sum of the picked chunks' token counts, computed here
+    in the kernel, so what the page shows is what the prompt will hold."""
+
+    _esm = PICKER_JS
+    _css = PICKER_CSS
+    chunks = t.List(t.Dict()).tag(sync=True)  # the library: [{"name", "title", "tokens"}]
+    order = t.List(t.Unicode()).tag(sync=True)
+    tokens = t.Int(0).tag(sync=True)
+
+    def __init__(self, order: Sequence[str] = (), **kw):
+        library = [{k: m[k] for k in ("name", "title", "tokens")} for m in corpus.load_manifest()]
+        super().__init__(chunks=library, **kw)
+        if isinstance(order, str):
+            raise TypeError(f"order is a list of chunk names, e.g. [{order!r}], not a string")
+        self.order = list(order)
+
+    @t.validate("order")
+    def _valid_order(self, proposal):
+        names = list(dict.fromkeys(proposal["value"]))  # a chunk appears once
+        unknown = sorted(set(names) - {c["name"] for c in self.chunks})
+        if unknown:
+            raise t.TraitError(f"Unknown chunk(s) {unknown}: use names from corpus.load_manifest(), "
+                               "e.g. 'filter_scale'.")
+        return names
+
+    @t.observe("order")
+    def _count(self, _=None):
+        sizes = {c["name"]: c["tokens"] for c in self.chunks}
+        self.tokens = sum(sizes[n] for n in self.order)
+
+    def texts(self) -> list[str]:
+        """The picked chunks' texts, in prompt order."""
+        return [corpus.load_chunk(n) for n in self.order]
+
+
+# ------------------------------------------------------------------ streaming panes
+PANES_JS = r"""
+function render({ model, el: host }) {
+  const root = document.createElement("div");
+  root.className = "kvb-panes";
+  root.dataset.testid = "stream-panes";
+  host.appendChild(root);
+  const fmt = (v, unit, digits) => (v === null || v === undefined) ? "—" : `${v.toFixed(digits)} ${unit}`;
+  const views = {};
+  function view(name) {
+    if (views[name]) return views[name];
+    const pane = document.createElement("div");
+    pane.className = `kvb-pane kvb-pane-${name}`;
+    pane.dataset.testid = `pane-${name}`;
+    pane.innerHTML = `
+      <div class="kvb-pane-head"><b class="kvb-label"></b> <span class="kvb-url"></span></div>
+      <div class="kvb-stats">
+        <span class="kvb-state" data-testid="state-${name}"></span>
+        <span class="kvb-ttft" data-testid="ttft-${name}"></span>
+        <span class="kvb-tps" data-testid="tps-${name}"></span>
+      </div>
+      <div class="kvb-error" data-testid="error-${name}"></div>
+      <pre class="kvb-text" data-testid="text-${name}"></pre>`;
+    root.querySelector(".kvb-row").appendChild(pane);
+    return (views[name] = pane);
+  }
+  root.innerHTML = `<div class="kvb-row"></div><div class="kvb-summary" data-testid="summary"></div>`;
+  function draw() {
+    for (const p of model.get("panes")) {
+      const v = view(p.name);
+      v.dataset.state = p.state;
+      v.querySelector(".kvb-label").textContent = p.label;
+      v.querySelector(".kvb-url").textContent = p.url;
+      v.querySelector(".kvb-state").textContent = p.state;
+      v.querySelector(".kvb-ttft").textContent = `TTFT ${fmt(p.ttft_s, "s", 2)}`;
+      v.querySelector(".kvb-tps").textContent = `${fmt(p.tokens_per_s, "tok/s", 1)}`;
+      v.querySelector(".kvb-error").textContent = p.error || "";
+      v.querySelector(".kvb-text").textContent = p.text;
+    }
+    root.querySelector(".kvb-summary").textContent = model.get("summary");
+  }
+  draw();
+  model.on("change:panes", draw);
+  model.on("change:summary", draw);
+  return () => { model.off("change:panes", draw); model.off("change:summary", draw); };
+}
+export default { render };
+"""
+
+PANES_CSS = """
+.kvb-panes .kvb-row { display: flex; gap: 12px; }
+.kvb-panes .kvb-pane { flex: 1; min-width: 0; border: 2px solid #ccc; border-radius: 6px; padding: 8px; }
+.kvb-panes .kvb-pane-blend { border-color: #1f9e89; }
+.kvb-panes .kvb-pane-full { border-color: #e4572e; }
+.kvb-panes .kvb-url { color: #777; font-size: 12px; }
+.kvb-panes .kvb-stats { display: flex; gap: 12px; font-variant-numeric: tabular-nums; margin: 4px 0; }
+.kvb-panes .kvb-ttft { font-weight: 700; }
+.kvb-panes .kvb-state { color: #777; }
+.kvb-panes .kvb-error { color: #b00020; white-space: pre-wrap; }
+.kvb-panes .kvb-error:empty { display: none; }
+.kvb-panes .kvb-text { white-space: pre-wrap; min-height: 60px; max-height: 260px; overflow-y: auto;
+  background: #fafafa; margin: 0; padding: 6px; font-size: 12px; }
+.kvb-panes .kvb-summary { margin-top: 6px; font-weight: 600; }
+"""
+
+PANE_LABELS = {"blend": "blend: reuses cached chunk KV", "full": "full prefill"}
+
+
+def _pane(name: str, url: str = "") -> dict:
+    return {"name": name, "label": PANE_LABELS.get(name, name), "url": url, "state": "idle", "text": "",
+            "ttft_s": None, "tokens_per_s": None, "n_tokens": 0, "error": None}
+
+
+class StreamPanes(anywidget.AnyWidget):
+    """Two answers streaming side by side, each with its TTFT (shown at the first token) and its
+    tokens/s (shown at the end). `update(answer)` may be called from any thread, as often as tokens
+    arrive; see `hz`."""
+
+    _esm = PANES_JS
+    _css = PANES_CSS
+    panes = t.List(t.Dict()).tag(sync=True)
+    summary = t.Unicode("").tag(sync=True)
+
+    def __init__(self, names: Sequence[str] = ("blend", "full"), urls: Sequence[str] = (), hz: float = 15,
+                 clock: Callable[[], float] = time.monotonic, **kw):
+        urls = [*urls, *[""] * (len(names) - len(urls))]
+        super().__init__(panes=[_pane(n, u) for n, u in zip(names, urls, strict=True)], **kw)
+        self.interval, self.clock = 1.0 / hz, clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict] = {}
+        self._last = float("-inf")
+        self.pushes = 0  # front-end updates sent (tests check the throttle with it)
+
+    def reset(self, state: str = "waiting") -> None:
+        """Clear both panes before a new question."""
+        with self._lock:
+            self._pending.clear()
+            self.panes = [{**_pane(p["name"], p["url"]), "state": state} for p in self.panes]
+            self.summary = ""
+
+    def update(self, ans: client.Answer) -> None:
+        """Record the answer's current state; send it now if it is the first token, the end, or
+        the last send was more than 1/hz ago. Otherwise a later call carries it."""
+        new = {"text": ans.text, "ttft_s": ans.ttft_s, "tokens_per_s": ans.tokens_per_s,
+               "n_tokens": ans.n_tokens, "error": ans.error,
+               "state": "error" if ans.error else "done" if ans.done else "streaming"}
+        with self._lock:
+            old = self._pending.get(ans.engine) or self._get(ans.engine)
+            self._pending[ans.engine] = new
+            first = old.get("ttft_s") is None and ans.ttft_s is not None
+            if first or ans.done or self.clock() - self._last >= self.interval:
+                self._flush()
+
+    def show_error(self, name: str, message: str) -> None:
+        with self._lock:
+            self._pending[name] = {"state": "error", "error": message}
+            self._flush()
+
+    def _get(self, name: str) -> dict:
+        return next((p for p in self.panes if p["name"] == name), {})
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.panes = [{**p, **self._pending.pop(p["name"], {})} for p in self.panes]
+            self._last = self.clock()
+            self.pushes += 1
+
+
+def summary(answers: dict[str, client.Answer]) -> str:
+    """One line comparing the two TTFTs, or why there is no comparison."""
+    b, f = answers.get("blend"), answers.get("full")
+    if not (b and f) or b.error or f.error or not (b.ttft_s and f.ttft_s):
+        return "No comparison: an engine did not answer (see its pane)."
+    if b.ttft_s <= f.ttft_s:
+        return (f"Blend answered first: TTFT {b.ttft_s:.2f} s vs {f.ttft_s:.2f} s, "
+                f"{f.ttft_s / b.ttft_s:.1f}x sooner.")
+    return f"Full prefill answered first this time: TTFT {f.ttft_s:.2f} s vs {b.ttft_s:.2f} s."
+
+
+# ------------------------------------------------------------------ the quick-start app
+class CompareApp(w.VBox):
+    """Picker, question box, the two streaming panes and a live TTFT chart.
+
+    `ask(question)` is the scripted path and the button's action alike: it precomputes the picked
+    chunks' KV on the blend engine (a no-op once cached), asks both engines at the same time and
+    adds the question's TTFTs to `history` and to the live chart."""
+
+    def __init__(self, engines: Sequence[eng.Engine], picker: ChunkPicker | None = None,
+                 question: str = "", max_tokens: int = 48):
+        self.engines = tuple(engines)
+        self.picker = picker or ChunkPicker()
+        self.max_tokens = max_tokens
+        self.question = w.Text(value=question, placeholder="Ask a question about the picked chunks",
+                               layout=w.Layout(width="70%"))
+        self.question.add_class("kvb-question")
+        self.button = w.Button(description="Ask both engines", button_style="primary", icon="play")
+        self.button.add_class("kvb-ask")
+        self.button.on_click(lambda _: threading.Thread(target=self._ask_safely, daemon=True).start())
+        self.panes = StreamPanes([e.name for e in self.engines], [e.url for e in self.engines])
+        self.chart = plots.ttft_live()
+        self.chart_box = w.Box([self.chart])
+        self.chart_box.add_class("kvb-ttft-chart")
+        self.history: list[dict] = []
+        self._busy = threading.Lock()
+        super().__init__([self.picker, w.HBox([self.question, self.button]), self.panes, self.chart_box])
+
+    def ask(self, question: str | None = None) -> dict[str, client.Answer]:
+        """Ask both engines about the picked chunks; blocks until both answers are complete."""
+        if question is not None:
+            self.question.value = question
+        q = self.question.value.strip()
+        if not q:
+            raise ValueError("Type a question first (or pass one: app.ask('...')).")
+        if not self.picker.order:
+            raise ValueError("Pick at least one chunk: tick it in the library, or set picker.order.")
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("Still answering the previous question; wait for it to finish.")
+        try:
+            self.button.disabled = True
+            order, tokens, chunks = list(self.picker.order), self.picker.tokens, self.picker.texts()
+            self.panes.reset("computing chunk KV")
+            warm_error = self._warm(chunks)
+            self.panes.reset()
+            answers = client.ask_both(chunks, q, self.max_tokens, on_update=self.panes.update,
+                                      engines=self.engines)
+            note = warm_error if warm_error and not answers["blend"].error else ""
+            self.panes.summary = summary(answers) + (f" Note: {note}" if note else "")
+            record = {"n": len(self.history) + 1, "question": q, "order": order, "tokens": tokens,
+                      **{name: answer_record(a) for name, a in answers.items()}}
+            self.history.append(record)
+            plots.add_ttft(self.chart, record)
+            return answers
+        finally:
+            self.button.disabled = False
+            self._busy.release()
+
+    def _warm(self, chunks: list[str]) -> str | None:
+        """Compute the chunks' KV on the blend engine before timing anything; the engines launched
+        by `launch_engines.sh` have them all already. Returns an error message, if any."""
+        blend = next((e for e in self.engines if e.name == "blend"), None)
+        if blend is None:
+            return None
+        try:
+            eng.precompute(blend, chunks, progress=False)
+        except Exception as err:  # noqa: BLE001 - a note under the panes; a dead engine's pane says more
+            return (f"Could not precompute the chunks' KV on {blend.url} ({err}); this answer's TTFT "
+                    "includes computing it.")
+        return None
+
+    def _ask_safely(self) -> None:
+        """The button's action: errors go under the panes, not into a thread's traceback that
+        nobody sees."""
+        try:
+            self.ask()
+        except Exception as err:  # noqa: BLE001
+            self.panes.summary = f"Could not ask: {err}"
+
+    def results(self) -> dict:
+        """The questions asked so far and the median TTFT ratio (full / blend) of those both
+        engines answered."""
+        ratios = [r["full"]["ttft_s"] / r["blend"]["ttft_s"] for r in self.history
+                  if r["blend"]["ttft_s"] and r["full"]["ttft_s"]
+                  and not (r["blend"]["error"] or r["full"]["error"])]
+        return {"history": self.history, "ttft_ratio": plots.median(ratios)}
+
+
+def answer_record(a: client.Answer) -> dict:
+    """The JSON-able part of an Answer."""
+    return {"text": a.text, "ttft_s": a.ttft_s, "tokens_per_s": a.tokens_per_s, "n_tokens": a.n_tokens,
+            "prompt_tokens": a.prompt_tokens, "error": a.error}
+
+
+# ------------------------------------------------------------------ notebook 02: the ratio slider
+class RatioExplorer(w.VBox):
+    """A recompute-ratio slider over one prompt: moving it reruns the blended prefill and redraws
+    which tokens get recomputed, the time it took and how close the next token is to a full
+    prefill. Setting `slider.value` from code does the same (the scripted path)."""
+
+    def __init__(self, run: Callable[[float], dict], tokens: list[str], ratio: float = 0.15):
+        """`run(ratio)` returns {"deviation", "selected", "ttft_ms", "kl", "top1", "next_token"}
+        (see `walkthrough.explain`)."""
+        self.run, self.tokens = run, tokens
+        self.slider = w.FloatSlider(value=ratio, min=0.0, max=1.0, step=0.05, description="ratio r",
+                                    continuous_update=False, readout_format=".2f")
+        self.slider.add_class("kvb-ratio")
+        self.stats = w.HTML()
+        self.text = w.HTML()
+        first = run(ratio)
+        self.chart = plots.deviation(first["deviation"], first["selected"], tokens, widget=True)
+        self._show(first)
+        self.slider.observe(lambda ch: self._show(self.run(ch["new"])), names="value")
+        super().__init__([self.slider, self.stats, self.chart, self.text])
+
+    def _show(self, res: dict) -> None:
+        self.last = res
+        n_sel, n = len(res["selected"]), len(res["deviation"])
+        title = f"r = {res['ratio']:.2f}: {n_sel} of {n} cached tokens recomputed"
+        plots.set_selected(self.chart, res["selected"], title)
+        self.stats.value = (f"<b>{title}</b> · prefill {res['ttft_ms']:.0f} ms · next token "
+                            f"{res['next_token']!r} ({'same as' if res['top1'] else 'differs from'} full "
+                            f"prefill) · KL {res['kl']:.4f}")
+        self.text.value = plots.highlighted_text(self.tokens, res["selected"], res["deviation"])

@@ -1,0 +1,242 @@
+"""The notebook widgets and charts without a browser: the picker's `order`/`tokens` contract, the
+stream panes' throttle and error display, the app's ask path against fake and dead engines, and the
+DOM names the browser test relies on."""
+
+import socket
+import threading
+
+import plotly.graph_objects as go
+import pytest
+import traitlets
+
+from helpers import client, corpus, plots, tutorial, widgets
+from helpers import engines as eng
+from helpers.walkthrough import f1
+
+TOKENS = {m["name"]: m["tokens"] for m in corpus.load_manifest()}
+
+
+# ------------------------------------------------------------------ chunk picker
+def test_picker_order_drives_token_count():
+    p = widgets.ChunkPicker()
+    assert p.order == [] and p.tokens == 0
+    assert [c["name"] for c in p.chunks] == list(TOKENS)
+    p.order = ["filter_scale", "encoder_flac"]
+    assert p.tokens == TOKENS["filter_scale"] + TOKENS["encoder_flac"]
+    assert p.texts() == [corpus.load_chunk("filter_scale"), corpus.load_chunk("encoder_flac")]
+    p.order = ["encoder_flac", "filter_scale", "encoder_flac"]  # a chunk appears once
+    assert p.order == ["encoder_flac", "filter_scale"]
+
+
+def test_picker_accepts_front_end_updates():
+    """A drag in the page arrives as a state update from the front end: same validation, same count."""
+    p = widgets.ChunkPicker(order=["filter_crop"])
+    p.set_state({"order": ["protocol_udp", "filter_crop"]})
+    assert p.order == ["protocol_udp", "filter_crop"]
+    assert p.tokens == TOKENS["protocol_udp"] + TOKENS["filter_crop"]
+
+
+def test_picker_rejects_unknown_chunks_with_a_hint():
+    p = widgets.ChunkPicker()
+    with pytest.raises(traitlets.TraitError, match=r"Unknown chunk.*nope.*load_manifest"):
+        p.order = ["filter_scale", "nope"]
+    with pytest.raises(TypeError, match="list of chunk names"):
+        widgets.ChunkPicker(order="filter_scale")
+
+
+def test_dom_names_for_browser_tests():
+    """The browser test finds elements by these names: renaming one must be deliberate."""
+    for testid in ("chunk-picker", "selected-chunks", "selected-chunk", "chunk-library", "library-chunk",
+                   "chunk-checkbox", "token-count", "move-up", "move-down", "remove"):
+        assert f'"{testid}"' in widgets.PICKER_JS, testid
+    assert "dragstart" in widgets.PICKER_JS and "drop" in widgets.PICKER_JS
+    for testid in ("pane-${name}", "ttft-${name}", "tps-${name}", "text-${name}", "error-${name}",
+                   "state-${name}", "summary"):
+        assert testid in widgets.PANES_JS, testid
+    assert "http" not in widgets.PICKER_JS + widgets.PANES_JS  # no CDN
+
+
+# ------------------------------------------------------------------ stream panes
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def stream(panes, name, n_tokens, clock, dt=0.005, ttft=0.5):
+    """Feed `panes` the updates a streaming answer makes: one per token, then the final one."""
+    a = client.Answer(name)
+    clock.now += ttft
+    for i in range(n_tokens):
+        if a.ttft_s is None:
+            a.ttft_s = ttft
+        a.text += f"t{i} "
+        a.n_tokens += 1
+        panes.update(a)
+        clock.now += dt
+    a.total_s, a.done = ttft + n_tokens * dt, True
+    panes.update(a)
+    return a
+
+
+def test_panes_throttle_but_show_first_token_and_end():
+    clock = FakeClock()
+    panes = widgets.StreamPanes(hz=15, clock=clock)
+    panes.reset()
+    sent = []
+    panes.observe(lambda ch: sent.append(ch["new"]), names="panes")
+    a = stream(panes, "blend", 200, clock)  # 200 tokens over 1 s
+    # first token, then at most one push per 1/15 s, then the end
+    assert 3 <= len(sent) <= 1 + 16 + 1
+    assert sent[0][0]["ttft_s"] == 0.5 and sent[0][0]["state"] == "streaming"
+    final = sent[-1][0]
+    assert final["text"] == a.text and final["state"] == "done"
+    assert final["tokens_per_s"] == pytest.approx(a.tokens_per_s)
+    assert sent[-1][1]["state"] == "waiting"  # the other pane untouched
+
+
+def test_panes_from_two_threads():
+    panes = widgets.StreamPanes(hz=20)
+    panes.reset()
+    answers = {}
+
+    def run(name):
+        answers[name] = stream(panes, name, 300, FakeClock(), ttft=0.1)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("blend", "full")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    by_name = {p["name"]: p for p in panes.panes}
+    for name, a in answers.items():
+        assert by_name[name]["text"] == a.text and by_name[name]["state"] == "done"
+    assert panes.pushes < 600
+
+
+def test_panes_show_errors():
+    panes = widgets.StreamPanes()
+    a = client.Answer("full", error="The full engine at http://x is not reachable", done=True)
+    panes.update(a)
+    pane = {p["name"]: p for p in panes.panes}["full"]
+    assert pane["state"] == "error" and "not reachable" in pane["error"]
+
+
+def test_summary_line():
+    b, f = client.Answer("blend", ttft_s=0.5), client.Answer("full", ttft_s=2.0)
+    assert "4.0x sooner" in widgets.summary({"blend": b, "full": f})
+    assert "Full prefill answered first" in widgets.summary({"blend": client.Answer("blend", ttft_s=3.0),
+                                                             "full": f})
+    f.error = "down"
+    assert "did not answer" in widgets.summary({"blend": b, "full": f})
+
+
+# ------------------------------------------------------------------ the app
+def engines_on_free_ports():
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return eng.Engine("blend", ports[0], "embedded"), eng.Engine("full", ports[1], "embedded")
+
+
+def test_app_ask_records_history_and_grows_chart(monkeypatch):
+    def fake_ask_both(chunks, question, max_tokens, on_update, engines):
+        out = {}
+        for e, ttft in zip(engines, (0.2, 0.9), strict=True):
+            a = client.Answer(e.name, text="answer", ttft_s=ttft, total_s=ttft + 0.5, n_tokens=5, done=True)
+            on_update(a)
+            out[e.name] = a
+        return out
+
+    monkeypatch.setattr(client, "ask_both", fake_ask_both)
+    monkeypatch.setattr(eng, "precompute", lambda e, texts, progress=True: {})
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(order=["filter_crop"]))
+    app.ask("What does crop do?")
+    app.picker.order = ["filter_crop", "filter_scale"]
+    app.ask("And scale?")
+    assert [r["n"] for r in app.history] == [1, 2]
+    assert app.history[1]["order"] == ["filter_crop", "filter_scale"]
+    assert app.history[1]["tokens"] == TOKENS["filter_crop"] + TOKENS["filter_scale"]
+    assert list(app.chart.data[0].y) == [0.2, 0.2] and list(app.chart.data[1].y) == [0.9, 0.9]
+    assert "4.5x sooner" in app.panes.summary
+    assert app.results()["ttft_ratio"] == pytest.approx(4.5)
+    assert not app.button.disabled
+    fig = plots.ttft_history(app.history)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 2
+
+
+def test_app_with_engines_down_says_what_to_do():
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(order=["filter_crop"]))
+    answers = app.ask("Anyone there?")
+    for a in answers.values():
+        assert "not reachable" in a.error and "launch_engines.sh" in a.error
+    panes = {p["name"]: p for p in app.panes.panes}
+    assert panes["blend"]["state"] == panes["full"]["state"] == "error"
+    assert "launch_engines.sh" in panes["full"]["error"]
+    assert "did not answer" in app.panes.summary
+
+
+def test_app_needs_a_question_and_chunks():
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker())
+    with pytest.raises(ValueError, match="question"):
+        app.ask("")
+    with pytest.raises(ValueError, match="Pick at least one chunk"):
+        app.ask("Why?")
+    app._ask_safely()  # the button's path: the message shows under the panes
+    assert app.panes.summary.startswith("Could not ask: Pick at least one chunk")
+    assert app.results() == {"history": [], "ttft_ratio": None}
+
+
+def test_connect_without_engines_explains():
+    blend, full = engines_on_free_ports()
+    with pytest.raises(eng.EngineError, match="launch_engines.sh"):
+        tutorial.connect("embedded", blend.port, full.port, start=False)
+
+
+# ------------------------------------------------------------------ charts and scores
+def test_live_chart_gains_points():
+    fig = plots.ttft_live()
+    assert isinstance(fig, go.FigureWidget)
+    rec = {"n": 1, "question": "q", "tokens": 10, "blend": {"ttft_s": 0.1}, "full": {"ttft_s": 0.4}}
+    plots.add_ttft(fig, rec)
+    plots.add_ttft(fig, {**rec, "n": 2, "blend": {"ttft_s": None}})  # an engine that failed: a gap
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == [0.1, None]
+
+
+def test_gpu_csv(tmp_path):
+    assert plots.load_gpu_csv(tmp_path / "missing.csv") is None
+    path = tmp_path / "h200.csv"
+    path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms\n"
+                    "7b,2x H200,4000,400,100\n7b,2x H200,8000,900,200\n")
+    rows = plots.load_gpu_csv(path)  # no speedup column: computed
+    assert rows[0] == {"model": "7b (2x H200)", "tokens": 4000, "full_ms": 400.0, "blend_ms": 100.0,
+                       "speedup": 4.0, "gpus": "2x H200"}
+    assert isinstance(plots.speedup([{"tokens": 500, "speedup": 2.0}], rows), go.Figure)
+    assert isinstance(plots.gpu_ttft(rows), go.Figure)
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="cannot find"):
+        plots.load_gpu_csv(path)
+
+
+def test_committed_gpu_measurements_parse():
+    path = corpus.CORPUS_DIR.parent / "docs" / "h200_ttft.csv"
+    if not path.exists():
+        pytest.skip("docs/h200_ttft.csv not there yet (notebook 03 says so)")
+    rows = plots.load_gpu_csv(path)
+    assert rows and all(r["tokens"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_highlighted_text_marks_selected_tokens():
+    out = plots.highlighted_text(["a", "<b>", "c"], [1], [0.1, 1.0, 0.5])
+    assert out.count('class="kvb-selected"') == 1 and "&lt;b&gt;" in out
+
+
+def test_f1():
+    assert f1("The fourth stream", "the fourth stream") == 1.0
+    assert f1("-lavfi", "-lavfi.") == 1.0
+    assert f1("nothing", "something") == 0.0
+    assert 0 < f1("the stream with most channels", "the stream with the most channels") <= 1
