@@ -311,6 +311,13 @@ def precompute(e: Engine, texts: list[str], progress: bool = True) -> dict:
             res = r.json()["results"][0]
             done["tokens"] += res["tokens"]
             done["computed"] += not res["cached"]
+        # The chat template's prefix (system prompt, user header) is a segment of its own too:
+        # one tiny request caches it, so the first real question pays for no segment at all.
+        from .prompts import build_messages
+
+        model = client.get(e.url + "/v1/models").json()["data"][0]["id"]
+        client.post(e.url + "/v1/chat/completions", json={
+            "model": model, "messages": build_messages([], "Hello"), "max_tokens": 1}).raise_for_status()
         done["stats"] = client.get(e.url + "/v1/kv/stats").json()
     return done
 
