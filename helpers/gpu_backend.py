@@ -1,0 +1,276 @@
+"""The GPU backend: vLLM + LMCache's CacheBlend on GPU 0 (`blend`, :8000), plain vLLM on GPU 1
+(`full`, :8001), started as subprocesses by `helpers.engines`.
+
+Both engines run eagerly (LMCache's blending breaks under CUDA graphs, LMCache #2639) with vLLM's
+prefix cache off, so the baseline prefills every token and the blend engine reuses only what LMCache
+gives it. The blend engine gets an LMCache YAML written into `.engines/` from our settings, and our
+vLLM plugin (`helpers/vllm_plugin.py`) closes the two gaps between vLLM 0.26 and LMCache 0.5.3.
+Prompts go to both as token ids: `sys + SEP + chunk_1 + SEP + ... + SEP + question` for the blend
+engine, with the separator ids LMCache's `SegmentTokenDatabase` searches for, and the same ids
+without separators for the baseline. The tested pair is vllm==0.26.0 + lmcache==0.5.3 (docs/gpu.md).
+
+Nothing heavy is imported at module level: this module imports on a machine without torch or vLLM,
+and its checks say what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from . import engines as eng
+from .engines import Engine, EngineError
+from .prompts import DEFAULT_SYSTEM, SEP
+
+DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s (docs/gpu.md)
+SHARE_ENV = "KVBLEND_SHARE_GPU"  # =1: both engines on one GPU (each ~0.4 of its memory)
+SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"
+PLUGIN = "kvblend_lmcache"
+DEFAULT_MAX_MODEL_LEN = 32768
+# Architectures LMCache 0.5.3's blender has a layer-wise model for (it matches vLLM's class name).
+# Mistral's is Llama's with another name: served as LlamaForCausalLM, it loads the same weights.
+SUPPORTED_ARCHS = {"LlamaForCausalLM": None, "Qwen2ForCausalLM": None, "Qwen3ForCausalLM": None,
+                   "MistralForCausalLM": "LlamaForCausalLM"}
+# For every vLLM process: no telemetry, no optional kernels the tested setup does not ship.
+BASE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "LMCACHE_TRACK_USAGE": "false",
+            "VLLM_USE_DEEP_GEMM": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+# ------------------------------------------------------------------ checks
+def visible_gpus() -> list[str]:
+    """GPU ids the engines may use: those nvidia-smi lists, narrowed by CUDA_VISIBLE_DEVICES if set."""
+    if eng.gpu_count() == 0:
+        return []
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is None:
+        return [str(i) for i in range(eng.gpu_count())]
+    ids = []
+    for d in (d.strip() for d in cvd.split(",")):
+        if not d or d.startswith("-"):  # CUDA ignores everything from the first invalid id on
+            break
+        ids.append(d)
+    return ids
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_gpus() -> tuple[str, str]:
+    """(GPU for the blend engine, GPU for the baseline); one GPU twice only with KVBLEND_SHARE_GPU=1."""
+    gpus = visible_gpus()
+    if not gpus:
+        hidden = " or CUDA_VISIBLE_DEVICES hides them" if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+        raise EngineError(f"No NVIDIA GPU found (nvidia-smi lists none{hidden}). The vLLM backend needs two "
+                          "GPUs, one per engine; on this machine use `--backend embedded` (the CPU engines).")
+    if len(gpus) >= 2:
+        return gpus[0], gpus[1]
+    if os.environ.get(SHARE_ENV, "") == "1":
+        return gpus[0], gpus[0]
+    raise EngineError(
+        f"Only one GPU is visible ({gpus[0]}); the vLLM backend puts the blend engine on one GPU and "
+        f"the baseline on another, so each gets the whole GPU. To run both on this one GPU anyway (each "
+        f"with ~40% of its memory, timings then share the GPU), set {SHARE_ENV}=1; otherwise use "
+        f"`--backend embedded`.")
+
+
+def check_versions() -> None:
+    """vLLM and LMCache must be installed, and be the tested pair unless KVBLEND_SKIP_VERSION_CHECK=1."""
+    pins = " ".join(f"'{n}=={v}'" for n, v in VERSIONS.items())
+    for name, wanted in VERSIONS.items():
+        have = installed_version(name)
+        if have is None:
+            raise EngineError(
+                f"{name} is not installed for {sys.executable}. Install the GPU extra, which pins the "
+                f"tested pair (Python 3.12): `pip install -e '.[gpu]'` (or `pip install {pins}`), "
+                f"or use `--backend embedded`.")
+        if have != wanted and os.environ.get(SKIP_VERSION_ENV, "") != "1":
+            raise EngineError(
+                f"{name} {have} is installed, but this backend is tested with {pins} only: the plugin "
+                f"in helpers/vllm_plugin.py patches exactly that pair. Install it with `pip install "
+                f"{pins}`, or set {SKIP_VERSION_ENV}=1 to try {name} {have} anyway.")
+
+
+def model_config(model: str) -> dict | None:
+    """The model's config.json, from its folder or the Hugging Face cache; None if not at hand."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def served_architecture(config: dict | None, model: str) -> str | None:
+    """The architecture to serve the model as (for --hf-overrides), None to keep its own.
+
+    Raises EngineError for an architecture LMCache's blender has no model for. A config we cannot
+    read (model not downloaded yet) passes: LMCache then names the problem in the engine log."""
+    archs = (config or {}).get("architectures") or []
+    if not archs:
+        return None
+    for arch in archs:
+        if arch in SUPPORTED_ARCHS:
+            return SUPPORTED_ARCHS[arch]
+    raise EngineError(
+        f"{model} is a {', '.join(archs)} model; LMCache {VERSIONS['lmcache']}'s blender only computes "
+        f"Llama-family layers ({', '.join(sorted(SUPPORTED_ARCHS))}). Pick such a model with --model "
+        f"(e.g. {DEFAULT_MODEL}), or use `--backend embedded`.")
+
+
+# ------------------------------------------------------------------ engines
+def lmcache_yaml(ratio: float = 0.15, check_layer: int = 1, chunk_size: int = 256,
+                 cpu_cache_gb: float = 16.0) -> str:
+    """LMCache's config for the blend engine. Both blend lists must be set: 0.5.3 defaults them to None."""
+    if not 0 < ratio <= 1:
+        raise EngineError(f"The recompute ratio must be in (0, 1], got {ratio}.")
+    if check_layer < 0:
+        raise EngineError(f"The check layer must be >= 0, got {check_layer}.")
+    return (
+        "# Written by helpers.gpu_backend for the blend engine: change the settings there, not here.\n"
+        f"chunk_size: {chunk_size}\n"
+        "local_cpu: true\n"
+        f"max_local_cpu_size: {cpu_cache_gb}\n"
+        "use_layerwise: true\n"
+        "enable_blending: true\n"
+        f'blend_special_str: "{SEP}"\n'
+        f"blend_recompute_ratios: [{ratio}]\n"
+        f"blend_check_layers: [{check_layer}]\n"
+    )
+
+
+def plugin_path() -> list[str]:
+    """Where vLLM can find our plugin's entry point: nothing extra once the package is pip-installed.
+
+    vLLM finds general plugins through installed entry points only. From a checkout that was never
+    installed (e.g. `python3 -m helpers.engines` on a fresh machine) we write a minimal dist-info that
+    declares the same entry point into `.engines/plugin/` and put that folder on the engines' path."""
+    if any(ep.name == PLUGIN for ep in metadata.entry_points(group="vllm.general_plugins")):
+        return []
+    info = eng.RUN_DIR / "plugin" / "kvblend_tutorial_plugin-0.1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvblend-tutorial-plugin\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(
+        f"[vllm.general_plugins]\n{PLUGIN} = helpers.vllm_plugin:register\n")
+    return [str(info.parent)]
+
+
+def vllm_command(model: str, port: int, host: str, *, blend: bool, gpu_memory_utilization: float,
+                 max_model_len: int, load_format: str | None = None, dtype: str = "auto",
+                 architecture: str | None = None) -> list[str]:
+    """`vllm serve` for one engine. Both: eager, no prefix cache, whole prompt in one prefill step
+    (LMCache blends a prompt in one step), HF tokenizer (the ids we send are built with it)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", host,
+           "--port", str(port), "--dtype", dtype, "--gpu-memory-utilization", str(gpu_memory_utilization),
+           "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len),
+           "--enforce-eager", "--no-enable-prefix-caching", "--tokenizer-mode", "hf"]
+    if load_format:
+        cmd += ["--load-format", load_format]
+    if architecture:
+        cmd += ["--hf-overrides", json.dumps({"architectures": [architecture]})]
+    if blend:
+        connector = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+        cmd += ["--kv-transfer-config", json.dumps(connector)]
+    return cmd
+
+
+def vllm_engines(model: str | None, blend_port: int, full_port: int, host: str = eng.HOST,
+                 ratio: float = 0.15, check_layer: int = 1, load_format: str | None = None,
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 dtype: str = "auto", chunk_size: int = 256, cpu_cache_gb: float = 16.0) -> list[Engine]:
+    """The blend and full engines (not started). Checks GPUs, versions and the model first."""
+    blend_gpu, full_gpu = check_gpus()
+    check_versions()
+    model = model or DEFAULT_MODEL
+    config = model_config(model)
+    architecture = served_architecture(config, model)
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = 0.4 if blend_gpu == full_gpu else 0.9
+    if max_model_len is None:
+        max_model_len = min(int((config or {}).get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN),
+                            DEFAULT_MAX_MODEL_LEN)
+
+    eng.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    yaml_path = eng.RUN_DIR / "lmcache-blend.yaml"
+    yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
+    path = os.pathsep.join([str(eng.ROOT), *plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
+    opts = dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                load_format=load_format, dtype=dtype, architecture=architecture)
+    return [
+        Engine("blend", blend_port, "vllm", vllm_command(model, blend_port, host, blend=True, **opts),
+               {**BASE_ENV, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": blend_gpu,
+                "LMCACHE_CONFIG_FILE": str(yaml_path)}, host=host, model=model),
+        Engine("full", full_port, "vllm", vllm_command(model, full_port, host, blend=False, **opts),
+               {**BASE_ENV, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": full_gpu,
+                "LMCACHE_CONFIG_FILE": ""}, host=host, model=model),
+    ]
+
+
+# ------------------------------------------------------------------ prompts
+@lru_cache(maxsize=4)
+def tokenizer_for(model: str):
+    """The model's Hugging Face tokenizer (the one vLLM serves with --tokenizer-mode hf)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def separator_ids(tokenizer, sep: str = SEP) -> list[int]:
+    """The separator ids LMCache's SegmentTokenDatabase searches for: `encode(sep)[1:]`.
+
+    LMCache drops the first id assuming it is BOS; for a tokenizer without BOS (SmolLM2) that drops
+    the first real token, so we must do exactly the same to match."""
+    return list(tokenizer.encode(sep))[1:]
+
+
+def build_prompt_ids(tokenizer, system: str, chunks: list[str], question: str | None,
+                     separators: bool = True) -> list[int]:
+    """`sys + SEP + chunk_1 + SEP + ... + SEP + question` as ids; each piece tokenized on its own, so
+    a chunk has the same ids wherever it stands. `separators=False` (baseline): the same pieces
+    without SEP. `question=None` ends after the last chunk (what precompute sends)."""
+    sep = separator_ids(tokenizer) if separators else []
+    ids = list(tokenizer.encode(system))  # BOS first, where the tokenizer has one
+    for piece in [*chunks, *([] if question is None else [question])]:
+        ids += sep + list(tokenizer.encode(piece, add_special_tokens=False))
+    return ids
+
+
+def precompute(engine: Engine, texts: list[str], progress: bool = True, system: str = DEFAULT_SYSTEM) -> dict:
+    """Store every chunk's KV in LMCache once: prefill `sys + SEP + chunk` with max_tokens 1."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    t0, tokens = time.perf_counter(), 0
+    with httpx.Client(timeout=600) as client:
+        model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
+        tok = tokenizer_for(model)
+        for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
+            ids = build_prompt_ids(tok, system, [text], None)
+            try:
+                r = client.post(engine.url + "/v1/completions",
+                                json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0})
+            except httpx.HTTPError as err:
+                raise EngineError(f"The blend engine at {engine.url} did not answer ({err}); see "
+                                  f"{engine.log}.") from err
+            if r.status_code != 200:
+                raise EngineError(f"The blend engine refused a precompute request ({r.status_code}): "
+                                  f"{r.text[:300]}. See {engine.log}.")
+            tokens += len(ids)
+    return {"tokens": tokens, "computed": len(texts), "seconds": round(time.perf_counter() - t0, 2)}

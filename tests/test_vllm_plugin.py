@@ -1,0 +1,262 @@
+"""helpers/vllm_plugin.py on CPU: the 4-D KV gather/scatter against a reference written in LMCache's
+5-D semantics (both directions, both layouts, both buffer orders, padding slots, strided caches),
+the stand-in for lmcache.c_ops, when the plugin activates, and what register() patches (with fake
+vLLM/LMCache modules: neither is installed here)."""
+
+import logging
+import sys
+import types
+from enum import IntEnum
+
+import pytest
+import torch
+
+from helpers import vllm_plugin as vp
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+NB, BS, NH, HS = 6, 16, 4, 8  # blocks, block size, KV heads, head size
+
+
+def five_d(paged, layout):
+    """The same storage seen as LMCache's flash-attention layout [2, NB, BS, NH, HS] (a view)."""
+    split = paged.unflatten(-1, (2, paged.shape[-1] // 2))
+    return split.permute(3, 0, 1, 2, 4) if layout == "NB_BS_NH_CS" else split.permute(3, 0, 2, 1, 4)
+
+
+def reference(lmc, paged, slots, layout, to_paged, token_major):
+    """LMCache's semantics, token by token: lmc[kv, i] <-> kv_cache[kv, slot // BS, slot % BS]."""
+    five = five_d(paged, layout)
+    for i, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        b, o = divmod(s, five.shape[2])
+        for kv in range(2):
+            at = (i, kv) if token_major else (kv, i)
+            if to_paged:
+                five[kv, b, o] = lmc[at].reshape(five.shape[3], five.shape[4])
+            else:
+                lmc[at] = five[kv, b, o].reshape(-1)
+
+
+def make_paged(layout, device, dtype, strided):
+    shape = (NB, BS, NH, 2 * HS) if layout == "NB_BS_NH_CS" else (NB, NH, BS, 2 * HS)
+    if not strided:
+        return torch.randn(shape, device=device).to(dtype)
+    # a view with padded rows and every other block, like a layer cut out of a larger pool
+    big = torch.randn(2 * NB, *shape[1:3], 2 * HS + 8, device=device).to(dtype)
+    return big[::2, :, :, 3:3 + 2 * HS]
+
+
+def make_slots(n, device):
+    g = torch.Generator().manual_seed(n)
+    slots = torch.randperm(NB * BS, generator=g)[:n]
+    slots[::5] = -1  # padding tokens are skipped
+    return slots.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["NB_BS_NH_CS", "NB_NH_BS_CS"])
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_matches_reference(device, layout, token_major, strided, dtype):
+    n = 37
+    paged = make_paged(layout, device, dtype, strided)
+    slots = make_slots(n, device)
+    shape = (n, 2, NH * HS) if token_major else (2, n, NH * HS)
+    got = torch.full(shape, 7.0, device=device, dtype=dtype)
+    want = got.clone()
+    before = paged.clone()
+    vp.paged_kv_transfer(got, paged, slots, layout, to_paged=False, token_major=token_major)
+    reference(want, paged, slots.cpu(), layout, False, token_major)
+    assert torch.equal(got, want)
+    assert torch.equal(paged, before)  # reading leaves the cache alone
+    assert (got == 7.0).any()  # padding rows were not written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["NB_BS_NH_CS", "NB_NH_BS_CS"])
+@pytest.mark.parametrize("token_major", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_matches_reference(device, layout, token_major, strided, dtype):
+    n = 41
+    slots = make_slots(n, device)
+    shape = (n, 2, NH * HS) if token_major else (2, n, NH * HS)
+    lmc = torch.randn(shape, device=device).to(dtype)
+    got = make_paged(layout, device, dtype, strided)
+    want = got.clone()
+    vp.paged_kv_transfer(lmc, got, slots, layout, to_paged=True, token_major=token_major)
+    reference(lmc, want, slots.cpu(), layout, True, token_major)
+    assert torch.equal(got, want)
+
+
+def test_round_trip_and_edge_cases():
+    paged = make_paged("NB_BS_NH_CS", "cpu", torch.float32, False)
+    slots = torch.tensor([5, 17, 95, 0])
+    lmc = torch.randn(2, 4, NH * HS)
+    vp.paged_kv_transfer(lmc, paged, slots, "NB_BS_NH_CS", to_paged=True)
+    back = torch.zeros_like(lmc)
+    vp.paged_kv_transfer(back, paged, slots, "NB_BS_NH_CS", to_paged=False)
+    assert torch.equal(back, lmc)
+    # K sits in the first half of the last axis, V in the second (vLLM 0.26's packing)
+    assert torch.equal(paged[1, 1, :, :HS].reshape(-1), lmc[0, 1])
+    assert torch.equal(paged[1, 1, :, HS:].reshape(-1), lmc[1, 1])
+    untouched = paged.clone()
+    vp.paged_kv_transfer(lmc, paged, torch.full((4,), -1), "NB_BS_NH_CS", to_paged=True)
+    assert torch.equal(paged, untouched)  # all padding: nothing to do
+    with pytest.raises(ValueError, match="unknown layout"):
+        vp.paged_kv_transfer(lmc, paged, slots, "TWO_NB_BS_NH_HS", to_paged=True)
+
+
+# ------------------------------------------------------------------ the c_ops stand-in
+class FakeFormat(IntEnum):  # the values of LMCache 0.5.3's EngineKVFormat
+    NL_X_TWO_NB_BS_NH_HS = 1
+    NL_X_NB_NH_BS_CS = 12
+    NL_X_NB_BS_NH_CS = 13
+
+
+class FakeDirection(IntEnum):
+    H2D = 0
+    D2H = 1
+
+
+def fake_ops():
+    calls = []
+
+    def single_layer_kv_transfer(*args, **kwargs):
+        calls.append((args, kwargs))
+
+    ops = types.SimpleNamespace(EngineKVFormat=FakeFormat, TransferDirection=FakeDirection,
+                                single_layer_kv_transfer=single_layer_kv_transfer, other_op="kept")
+    return ops, calls
+
+
+def test_ops_stand_in_routes_4d_layouts_to_pytorch():
+    ops, calls = fake_ops()
+    wrapped = vp.KVTransferOps(ops)
+    assert wrapped.other_op == "kept" and wrapped.EngineKVFormat is FakeFormat
+    paged = make_paged("NB_NH_BS_CS", "cpu", torch.float32, False)
+    slots = make_slots(9, "cpu")
+    lmc = torch.randn(2, 9, NH * HS)
+    want = paged.clone()
+    reference(lmc, want, slots, "NB_NH_BS_CS", True, False)
+    wrapped.single_layer_kv_transfer(lmc, paged, slots, FakeDirection.H2D, FakeFormat.NL_X_NB_NH_BS_CS,
+                                     token_major=False)
+    assert torch.equal(paged, want) and calls == []
+    out = torch.zeros(2, 9, NH * HS)
+    wrapped.single_layer_kv_transfer(out, paged, slots, FakeDirection.D2H, FakeFormat.NL_X_NB_NH_BS_CS)
+    ref = torch.zeros_like(out)
+    reference(ref, paged, slots, "NB_NH_BS_CS", False, False)
+    assert torch.equal(out, ref) and calls == []
+
+
+def test_ops_stand_in_leaves_other_layouts_to_lmcache():
+    ops, calls = fake_ops()
+    wrapped = vp.KVTransferOps(ops)
+    five = torch.zeros(2, NB, BS, NH, HS)
+    wrapped.single_layer_kv_transfer("lmc", five, "slots", FakeDirection.D2H,
+                                     FakeFormat.NL_X_TWO_NB_BS_NH_HS, token_major=True)
+    assert calls == [(("lmc", five, "slots", FakeDirection.D2H, FakeFormat.NL_X_TWO_NB_BS_NH_HS),
+                      {"token_major": True})]
+
+
+# ------------------------------------------------------------------ activation
+def write_yaml(tmp_path, text):
+    p = tmp_path / "lmcache.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_blending_enabled(tmp_path):
+    assert not vp.blending_enabled({})
+    assert not vp.blending_enabled({"LMCACHE_CONFIG_FILE": ""})
+    assert not vp.blending_enabled({"LMCACHE_CONFIG_FILE": str(tmp_path / "missing.yaml")})
+    on = write_yaml(tmp_path, "chunk_size: 256\nenable_blending: true  # CacheBlend\n")
+    assert vp.blending_enabled({"LMCACHE_CONFIG_FILE": on})
+    off = write_yaml(tmp_path, "chunk_size: 256\nenable_blending: false\n")
+    assert not vp.blending_enabled({"LMCACHE_CONFIG_FILE": off})
+    assert vp.blending_enabled({"LMCACHE_ENABLE_BLENDING": "True"})
+
+
+@pytest.fixture
+def fake_stack(monkeypatch):
+    """Just enough of vLLM and LMCache, as modules, for register() to patch."""
+    registered = []
+
+    class Runner:
+        def get_model(self):
+            return "the-model"
+
+    class Worker:
+        def __init__(self):
+            self.model_runner = Runner()
+
+        def load_model(self, *, load_dummy_weights=False):
+            return ("loaded", load_dummy_weights)
+
+    class Tracker:
+        @classmethod
+        def register_model(cls, name, model):
+            registered.append((name, model))
+
+    ops, _ = fake_ops()
+    modules = {
+        "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
+        "lmcache": {}, "lmcache.integration": {}, "lmcache.integration.vllm": {},
+        "lmcache.integration.vllm.utils": {"ENGINE_NAME": "vllm-instance"},
+        "lmcache.v1": {}, "lmcache.v1.compute": {}, "lmcache.v1.compute.models": {},
+        "lmcache.v1.compute.models.utils": {"VLLMModelTracker": Tracker},
+        "lmcache.v1.gpu_connector": {}, "lmcache.v1.gpu_connector.gpu_connectors": {"lmc_ops": ops},
+    }
+    for name, attrs in modules.items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, mod)
+    return types.SimpleNamespace(Worker=Worker, registered=registered, ops=ops,
+                                 connectors=sys.modules["lmcache.v1.gpu_connector.gpu_connectors"])
+
+
+def test_register_patches_when_blending(fake_stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    vp.register()
+    vp.register()  # vLLM may call it again: nothing is wrapped twice
+    assert fake_stack.Worker().load_model(load_dummy_weights=True) == ("loaded", True)
+    assert fake_stack.registered == [("vllm-instance", "the-model")]
+    ops = fake_stack.connectors.lmc_ops
+    assert isinstance(ops, vp.KVTransferOps) and ops._ops is fake_stack.ops
+
+
+def test_double_unpin_warning_only_once(fake_stack, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    lmcache_log = logging.getLogger("lmcache.v1.memory_management")
+    monkeypatch.setattr(lmcache_log, "filters", [])
+    vp.register()
+    vp.register()
+    assert len(lmcache_log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="lmcache.v1.memory_management"):
+        for i in range(3):
+            lmcache_log.warning("Pin count of MemoryObj %d is negative: -1.Double unpin occurred.", i)
+        lmcache_log.warning("something else")
+    assert [r.getMessage()[:26] for r in caplog.records] == ["Pin count of MemoryObj 0 i", "something else"]
+    assert lmcache_log.filters[0].dropped == 3
+
+
+def test_register_does_nothing_without_blending(fake_stack, monkeypatch):
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("LMCACHE_ENABLE_BLENDING", raising=False)
+    original = fake_stack.Worker.load_model
+    vp.register()
+    assert fake_stack.Worker.load_model is original
+    assert fake_stack.connectors.lmc_ops is fake_stack.ops
+
+
+def test_register_without_vllm_only_warns(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
+    with caplog.at_level(logging.WARNING, logger="vllm.kvblend_plugin"):
+        vp.register()
+    assert "kvblend plugin inactive" in caplog.text
