@@ -14,7 +14,7 @@ import statistics
 import time
 
 from . import corpus
-from .prompts import build_messages, split_segments
+from .prompts import chat_segments
 
 
 # ------------------------------------------------------------------ prompts from the corpus
@@ -56,9 +56,7 @@ def bench_blend(engine, sizes=(1024, 2048, 4096), n_prompts=20, ratio=0.15, chec
         kls = {"blend": [], "reuse": []}
         n_tok = []
         for chunks, question in rag_prompts(size, n_prompts, seed):
-            text = engine.tok.apply_chat_template(build_messages(chunks, question), tokenize=False,
-                                                  add_generation_prompt=True)
-            segs = engine.tokenize(split_segments(text))
+            segs = chat_segments(engine, chunks, question)
             for s in segs[:-1]:  # warm: every chunk's KV is in the store (seen before, in another order)
                 engine.chunk_kv(s)
             ids = [x for s in segs for x in s]

@@ -37,3 +37,11 @@ def split_segments(text: str) -> list[str]:
 def strip_separators(text: str) -> str:
     """The same prompt as one plain text, for engines that know nothing of segments."""
     return " ".join(split_segments(text))
+
+
+def chat_segments(engine, chunks: list[str], question: str, system: str = DEFAULT_SYSTEM) -> list[list[int]]:
+    """Token ids per segment of a RAG chat prompt, exactly as the embedded server's chat endpoint
+    builds them (`engine` is a BlendEngine: its tokenizer and per-segment tokenization)."""
+    text = engine.tok.apply_chat_template(build_messages(chunks, question, system), tokenize=False,
+                                          add_generation_prompt=True)
+    return engine.tokenize(split_segments(text))

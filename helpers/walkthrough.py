@@ -19,7 +19,7 @@ import torch
 from . import corpus
 from .bench import kl
 from .embedded.blend import BlendConfig, BlendEngine
-from .prompts import build_messages, split_segments
+from .prompts import chat_segments
 
 
 def load_engine(model: str | None = None) -> BlendEngine:
@@ -59,14 +59,7 @@ def example(engine: BlendEngine, qa_index: int = 0, n_tokens: int = 1500, seed: 
     names = corpus.pick_chunks(max(n_tokens - sizes[qa["chunk"]], 1), seed=seed, exclude=[qa["chunk"]])
     names.insert(len(names) // 2, qa["chunk"])
     return Example(names, qa["question"], qa["answer"],
-                   segments(engine, [corpus.load_chunk(n) for n in names], qa["question"]))
-
-
-def segments(engine: BlendEngine, chunks: list[str], question: str) -> list[list[int]]:
-    """Token ids per segment, exactly as the chat endpoint of the embedded server builds them."""
-    text = engine.tok.apply_chat_template(build_messages(chunks, question), tokenize=False,
-                                          add_generation_prompt=True)
-    return engine.tokenize(split_segments(text))
+                   chat_segments(engine, [corpus.load_chunk(n) for n in names], qa["question"]))
 
 
 def token_strings(engine: BlendEngine, ids: list[int]) -> list[str]:

@@ -9,7 +9,7 @@ from helpers import corpus
 from helpers.bench import kl
 from helpers.embedded.blend import BlendConfig, BlendEngine, ContextTooLong
 from helpers.embedded.kvstore import ChunkKVStore, chunk_key
-from helpers.prompts import build_messages, split_segments
+from helpers.prompts import chat_segments
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,7 @@ def engine(model):
 
 
 def segments_for(engine, names, question):
-    chunks = [corpus.load_chunk(n) for n in names]
-    text = engine.tok.apply_chat_template(build_messages(chunks, question), tokenize=False,
-                                          add_generation_prompt=True)
-    return engine.tokenize(split_segments(text))
+    return chat_segments(engine, [corpus.load_chunk(n) for n in names], question)
 
 
 @pytest.fixture(scope="module")
