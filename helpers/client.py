@@ -61,8 +61,10 @@ def stream_answer(e: eng.Engine, chunks: list[str], question: str, max_tokens: i
 
             ids = gpu_backend.build_prompt_ids(gpu_backend.tokenizer_for(model), system, chunks,
                                                question, separators=e.name == "blend")
-            stream = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens,
-                                               temperature=0, stream=True,
+            # ids go in extra_body: as `prompt=ids` the SDK walks the list item by item, which
+            # costs ~0.3 s at 32K tokens on both engines (measured on H200) and hides the gap
+            stream = client.completions.create(model=model, prompt="", extra_body={"prompt": ids},
+                                               max_tokens=max_tokens, temperature=0, stream=True,
                                                stream_options={"include_usage": True})
         else:
             stream = client.chat.completions.create(
