@@ -81,11 +81,20 @@ def pick_backend(backend: str = "auto") -> str:
     return "vllm" if gpu_count() >= 2 and importlib.util.find_spec("vllm") else "embedded"
 
 
+KV_DIR = ROOT / ".cache" / "chunk-kv"
+
+
 def embedded_engines(model: str | None, blend_port: int, full_port: int, host: str = HOST,
-                     ratio: float = 0.15, check_layer: int = 1) -> list[Engine]:
+                     ratio: float = 0.15, check_layer: int = 1, kv_dir: str | Path | None = KV_DIR,
+                     ) -> list[Engine]:
+    """The two embedded servers. The blend engine keeps chunk KV in `kv_dir` too (about 46 KB per
+    token for SmolLM2, 1.8 GB for the whole corpus), so a restarted engine starts warm: computing
+    every chunk's KV costs minutes on 2 cores, loading it back seconds. None keeps it in memory only."""
     def cmd(mode: str, port: int) -> list[str]:
         c = [sys.executable, "-m", "helpers.embedded.server", "--mode", mode, "--host", host,
              "--port", str(port), "--ratio", str(ratio), "--check-layer", str(check_layer)]
+        if mode == "blend" and kv_dir:
+            c += ["--cache-dir", str(kv_dir)]
         return c + (["--model", model] if model else [])
 
     # Two engines share 2 cores; each gets them all (only one runs at a time in a fair comparison).
@@ -98,6 +107,7 @@ def engines_for(backend: str, model: str | None, blend_port: int, full_port: int
     if backend == "vllm":
         from . import gpu_backend  # imports nothing heavy; checks GPUs and versions
 
+        kw.pop("kv_dir", None)  # LMCache keeps its own chunk store
         return gpu_backend.vllm_engines(model, blend_port, full_port, **kw)
     return embedded_engines(model, blend_port, full_port, **kw)
 
@@ -332,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--no-precompute", action="store_true", help="skip warming the chunk KV cache")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
+    ap.add_argument("--no-disk-cache", action="store_true",
+                    help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
     args = ap.parse_args(argv)
     if args.action == "stop":
         stopped = stop()
@@ -342,6 +354,8 @@ def main(argv=None) -> int:
         print(json.dumps(st, indent=2))
         return 0 if all(s.get("healthy") for s in st.values()) else 1
     kw = {"load_format": args.load_format} if args.load_format else {}
+    if args.no_disk_cache:
+        kw["kv_dir"] = None
     try:
         engines = start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
         if not args.no_precompute:

@@ -41,6 +41,6 @@ def live_engines(run_dir):
     from helpers import engines
 
     started = engines.start("embedded", blend_port=free_port(), full_port=free_port(), timeout=240,
-                            progress=False)
+                            progress=False, kv_dir=None)  # every run starts cold
     yield {e.name: e for e in started}
     engines.stop()
