@@ -294,7 +294,8 @@ PANES_CSS = """
 .kvb-panes .kvb-state { color: #777; }
 .kvb-panes .kvb-error { color: #b00020; white-space: pre-wrap; }
 .kvb-panes .kvb-error:empty { display: none; }
-.kvb-panes .kvb-text { white-space: pre-wrap; min-height: 60px; max-height: 260px; overflow-y: auto;
+.kvb-panes .kvb-text { white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere;
+  min-height: 60px; max-height: 260px; overflow-y: auto;
   background: #fafafa; margin: 0; padding: 6px; font-size: 12px; }
 .kvb-panes .kvb-summary { margin-top: 6px; font-weight: 600; }
 """
