@@ -28,6 +28,9 @@ endif
 	  echo "note: install Debian's 'chromium' (sudo apt-get install chromium) for the UI test"
 	$(BIN)/python -m helpers.embedded.model
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	# strip notebook outputs on every `git add` in this clone (CI also checks they are stripped)
+	git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install && \
+	  git config filter.nbstripout.clean '$(abspath $(BIN))/python -m nbstripout --keep-id' || true
 	touch $(STAMP)
 
 lab: setup
