@@ -13,6 +13,8 @@ both engines one after the other: streaming completions through the openai clien
 TTFT = time to the first streamed choice, median over the queries after one warm-up. It reads the
 blend engine's log for LMCache's hit count of every query. `device` starts both engines through
 `./launch_engines.sh --backend vllm`, runs selftest and bench, and copies the logs to --out.
+`--merge 1,4` (bench, device) measures each size also with every 4 consecutive corpus chunks joined
+into one document: prompts of the same length with 4 times fewer segments (precomputed first).
 """
 
 from __future__ import annotations
@@ -132,6 +134,13 @@ def corpus_chunks() -> tuple[dict[str, str], str]:
              for i in range(60)}, "synthetic text")
 
 
+def merge_chunks(chunks: dict[str, str], n: int) -> dict[str, str]:
+    """Every `n` consecutive chunks joined into one document (fewer, longer segments); n=1: as is."""
+    names = list(chunks)
+    return {"+".join(names[i:i + n]): "\n\n".join(chunks[k] for k in names[i:i + n])
+            for i in range(0, len(names), n)}
+
+
 def pick(cost: dict[str, int], budget: int, seed: str) -> list[str]:
     """A random subset of chunks, in random order, whose costs fill `budget` without passing it."""
     names = sorted(cost)
@@ -193,7 +202,7 @@ def log_hits(log: Path, offset: int) -> list[tuple[int, int]]:
 
 
 def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, precompute: bool,
-          deadline: float) -> list[dict]:
+          deadline: float, merges: tuple[int, ...] = (1,)) -> list[dict]:
     import openai
 
     blend, full = eng.find("blend"), eng.find("full")
@@ -201,25 +210,28 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
                for e in (blend, full)}
     model = blend.model or clients["blend"].models.list().data[0].id
     tok = gb.tokenizer_for(model)
-    chunks, source = corpus_chunks()
-    if precompute:
-        print("precompute:", eng.precompute(blend, list(chunks.values()), progress=False), flush=True)
-    ids = {n: tok.encode(t, add_special_tokens=False) for n, t in chunks.items()}
+    base, source = corpus_chunks()
+    docs = {m: merge_chunks(base, m) for m in merges}
+    for m, chunks in docs.items():
+        if precompute or m > 1:  # the launcher precomputes the corpus chunks, not merged documents
+            print(f"precompute (merge {m}):", eng.precompute(blend, list(chunks.values()), progress=False),
+                  flush=True)
     overhead = len(gb.build_prompt_ids(tok, DEFAULT_SYSTEM, [], QUESTION)) + 8
-    cost = {n: len(v) + len(gb.separator_ids(tok)) for n, v in ids.items()}  # a chunk brings a separator
+    costs = {m: {n: len(tok.encode(t, add_special_tokens=False)) + len(gb.separator_ids(tok))
+                 for n, t in chunks.items()} for m, chunks in docs.items()}  # a chunk brings a separator
     rows, raw = [], []
-    for size in sizes:
+    for size, m in ((size, m) for size in sizes for m in merges):
         if time.time() > deadline:
-            print(f"skipping {size}: out of time", flush=True)
+            print(f"skipping {size} (merge {m}): out of time", flush=True)
             continue
-        samples = []
+        chunks, samples = docs[m], []
         for k in range(queries + 1):  # the first is a warm-up
-            names = pick(cost, size - overhead, f"{label}-{size}-{k}")
+            names = pick(costs[m], size - overhead, f"{label}-{size}-{k}" + (f"-m{m}" if m > 1 else ""))
             texts = [chunks[n] for n in names]
             p_blend = gb.build_prompt_ids(tok, DEFAULT_SYSTEM, texts, QUESTION)
             p_full = gb.build_prompt_ids(tok, DEFAULT_SYSTEM, texts, QUESTION, separators=False)
             offset = blend.log.stat().st_size
-            s = {"size": size, "query": k, "chunks": len(names), "blend_tokens": len(p_blend),
+            s = {"size": size, "merge": m, "query": k, "chunks": len(names), "blend_tokens": len(p_blend),
                  "full_tokens": len(p_full), "warmup": k == 0}
             try:
                 s["blend_ms"], s["blend_engine_ms"] = timed(clients["blend"], blend, model, p_blend)
@@ -247,23 +259,26 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
                      "blend_ttft_ms": round(blend_ms, 1), "speedup": round(full_ms / blend_ms, 2),
                      "lmcache_hit_pct": round(100 * statistics.median(hit), 1) if hit else "",
                      **{f"{n}_engine_ms": round(statistics.median(v), 1) if v else ""
-                        for n, v in eng_ms.items()}})
-        write_results(out, label, rows, raw, source)
+                        for n, v in eng_ms.items()},
+                     "merge": m, "chunks": int(statistics.median(s["chunks"] for s in good))})
+        write_results(out, label, rows, raw, source, merged=merges != (1,))
     return rows
 
 
-def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], source: str) -> None:
+def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], source: str,
+                  merged: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     slug = label.split()[0].lower()
     with open(out / f"ttft_{slug}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_FIELDS)
+        w = csv.DictWriter(f, CSV_FIELDS + (["merge", "chunks"] if merged else []), extrasaction="ignore")
         w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: r["target_tokens"]))
+        w.writerows(sorted(rows, key=lambda r: (r["target_tokens"], r["merge"])))
     (out / f"raw_{slug}.json").write_text(json.dumps({"chunks": source, "samples": raw}, indent=1))
 
 
 # ------------------------------------------------------------------ the device run
-def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: float, run_selftest: bool) -> int:
+def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: float, run_selftest: bool,
+           merges: tuple[int, ...] = (1,)) -> int:
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     notes = {"shape": shape}
@@ -290,7 +305,8 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     try:
         if launch.returncode == 0:
             precomputed = "chunk KV ready" in launch.stdout
-            rows = bench(LABELS[shape], layout, sizes, queries, out, not precomputed, t_start + budget_s)
+            rows = bench(LABELS[shape], layout, sizes, queries, out, not precomputed, t_start + budget_s,
+                         merges)
     finally:
         log = eng.RUN_DIR / "blend.log"
         text = log.read_text(errors="replace") if log.exists() else ""
@@ -326,6 +342,8 @@ def main(argv=None) -> int:
         p.add_argument("--sizes", default="32768,16384,8192,4096,2048")
         p.add_argument("--queries", type=int, default=4)
         p.add_argument("--budget-s", type=float, default=500, help="stop starting new sizes after this")
+        p.add_argument("--merge", default="1", help="join N consecutive chunks into one document; "
+                       "a list (1,4) measures each size with each")
         if p.prog.endswith("bench"):
             p.add_argument("--label", required=True)
             p.add_argument("--gpus", default="")
@@ -340,10 +358,11 @@ def main(argv=None) -> int:
     if a.cmd == "selftest":
         return 0 if selftest(a.out)["ok"] else 1
     sizes = [int(x) for x in a.sizes.split(",")]
+    merges = tuple(int(x) for x in a.merge.split(","))
     if a.cmd == "bench":
-        rows = bench(a.label, a.gpus, sizes, a.queries, a.out, a.precompute, time.time() + a.budget_s)
+        rows = bench(a.label, a.gpus, sizes, a.queries, a.out, a.precompute, time.time() + a.budget_s, merges)
         return 0 if rows else 1
-    return device(a.shape, a.out, sizes, a.queries, a.budget_s, a.selftest)
+    return device(a.shape, a.out, sizes, a.queries, a.budget_s, a.selftest, merges)
 
 
 if __name__ == "__main__":
