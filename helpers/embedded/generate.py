@@ -26,6 +26,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # how many top alternatives to report per token
     cancelled: threading.Event = field(default_factory=threading.Event)
+    info: dict = field(default_factory=dict)  # the prefill's stage timings, filled in by run()
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Generator:
         self.engine.check_length(n_prompt + req.max_tokens)
         gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         state = self.prefill(req.segments, room=req.max_tokens)
-        self.last_info = state.info
+        req.info = state.info
         ids: list[int] = []
         sent = ""  # text already yielded
         hold = max((len(s) for s in req.stop), default=1) - 1  # chars kept back: a stop may be starting

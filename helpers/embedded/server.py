@@ -266,7 +266,7 @@ def create_app(gen: Generator) -> FastAPI:
                     if opts["include_usage"]:
                         tail = {"id": rid, "object": kind + ("" if not chat else ".chunk"),
                                 "created": created, "model": gen.model_name, "choices": [],
-                                "usage": usage(n_out), "x_blend": public_info()}
+                                "usage": usage(n_out), "x_blend": public_info(req)}
                         yield f"data: {json.dumps(tail)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
@@ -288,11 +288,10 @@ def create_app(gen: Generator) -> FastAPI:
         return {"id": rid, "object": kind, "created": created, "model": gen.model_name,
                 "choices": [choice(text, finish, steps)],
                 "usage": usage(sum(st.token is not None for st in steps)),
-                "x_blend": public_info()}
+                "x_blend": public_info(req)}
 
-    def public_info():
-        info = getattr(gen, "last_info", {}) or {}
-        return {k: v for k, v in info.items() if k not in ("deviation", "selected")}
+    def public_info(req: GenRequest) -> dict:
+        return {k: v for k, v in req.info.items() if k not in ("deviation", "selected")}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
