@@ -252,6 +252,30 @@ def build_prompt_ids(tokenizer, system: str, chunks: list[str], question: str | 
     return ids
 
 
+def chat_segment_ids(tokenizer, chunks: list[str], question: str | None, system: str = DEFAULT_SYSTEM
+                     ) -> list[list[int]]:
+    """Token ids per segment of the chat-templated RAG prompt, as the embedded chat path builds them:
+    the template's prefix (system prompt and user header), one segment per chunk, and the question
+    with the template's end of turn and generation header (`question=None`: no question segment)."""
+    from .prompts import build_messages, split_segments
+
+    text = tokenizer.apply_chat_template(build_messages(chunks, question or "", system), tokenize=False,
+                                         add_generation_prompt=True)
+    segments = split_segments(text)
+    if question is None:
+        segments = segments[:-1]
+    return [list(tokenizer.encode(s, add_special_tokens=False)) for s in segments]
+
+
+def chat_prompt_ids(tokenizer, chunks: list[str], question: str | None, system: str = DEFAULT_SYSTEM
+                    ) -> list[int]:
+    """The chat prompt's segments joined by LMCache's separator ids: what *both* GPU engines get."""
+    sep, ids = separator_ids(tokenizer), []
+    for i, seg in enumerate(chat_segment_ids(tokenizer, chunks, question, system)):
+        ids += (sep if i else []) + seg
+    return ids
+
+
 def precompute(engine: Engine, texts: list[str], progress: bool = True, system: str = DEFAULT_SYSTEM) -> dict:
     """Store every chunk's KV in LMCache once: prefill `sys + SEP + chunk` with max_tokens 1."""
     import httpx

@@ -5,8 +5,8 @@ entry point `vllm.general_plugins: kvblend_lmcache` declared in pyproject.toml. 
 unless blending is configured (the blend engine's LMCache YAML says `enable_blending: true`), so a
 plain vLLM engine, such as our baseline, runs untouched.
 
-It closes two gaps between the two releases, by monkeypatching at start-up (never on disk), and
-quiets one known LMCache warning (see `FirstOnly`):
+It closes two gaps between the two releases and mends two faults of LMCache's blender, by
+monkeypatching at start-up (never on disk), and quiets one known LMCache warning (see `FirstOnly`):
 
 1. **The blender cannot find the model.** LMCache's blender looks the vLLM model up under
    `ENGINE_NAME` in `VLLMModelTracker`, but nothing registers it there, so the engine dies with
@@ -20,6 +20,19 @@ quiets one known LMCache warning (see `FirstOnly`):
    `IndexError: Dimension out of range (... got 4)`. We send those two layouts to
    `paged_kv_transfer`, a plain PyTorch gather/scatter by slot mapping; every other layout still
    goes to the compiled op.
+3. **Recomputed tokens see the future** (LMCache's blender, any vLLM). Past the check layer the
+   blender recomputes only the selected tokens and runs FlashAttention with `causal=True`,
+   `cu_seqlens_q=[0, n]` and `cu_seqlens_k=[0, N]`. With fewer queries than keys FlashAttention
+   aligns the causal mask to the *end*: the i-th selected token attends to keys 0..N-n+i instead of
+   0..its own position, so nearly every recomputed K/V has read later tokens. `selected_attention`
+   attends with the exact mask (query at position p sees keys 0..p).
+4. **Layers below the check layer are never written back.** The blender computes them for every
+   token but hands vLLM's cache the *retrieved* KV, where the gaps between segments (the separator
+   tokens, never cached) are zeros: the question, which vLLM computes itself, attends to zero keys
+   and values there at layer 0. `process_qkv` writes every layer's fresh K/V back for all tokens it
+   computed, selects the ratio among *cached* tokens and always recomputes the gap tokens (as our
+   embedded engine does).
+Set `KVBLEND_BLEND_PATH=upstream` to run LMCache's blender as shipped (3 and 4 off), to compare.
 """
 
 from __future__ import annotations
@@ -133,6 +146,105 @@ class FirstOnly(logging.Filter):
         return self.dropped == 1
 
 
+def blend_path(environ=None) -> str:
+    """`fixed` (default: faults 3 and 4 mended) or `upstream` (LMCache's blender as shipped)."""
+    path = (os.environ if environ is None else environ).get("KVBLEND_BLEND_PATH", "fixed").strip().lower()
+    if path not in ("fixed", "upstream"):
+        raise ValueError(f"KVBLEND_BLEND_PATH must be 'fixed' or 'upstream', got {path!r}")
+    return path
+
+
+def select_tokens(k, old_k, gaps, ratio: float):
+    """Sorted indices to recompute past the check layer: every gap token (no cached KV) and the
+    ceil(ratio * cached tokens) cached tokens whose fresh K deviates most from the cached K."""
+    import math
+
+    import torch
+
+    deviation = ((k.float() - old_k.float()) ** 2).sum(dim=1)
+    if gaps is not None and gaps.numel():
+        deviation[gaps] = float("inf")
+    n_gaps = 0 if gaps is None else gaps.numel()
+    n = min(deviation.numel(), n_gaps + max(1, math.ceil(ratio * (deviation.numel() - n_gaps))))
+    return torch.sort(torch.topk(deviation, n).indices).values
+
+
+def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
+    """`LMCBlender.process_qkv` with faults 3 and 4 mended (see the module docstring).
+
+    Called by LMCache's layer-wise model for every layer of a blended prompt, between the QKV
+    projection and attention. Until the check layer every token is computed: its fresh K/V replace
+    the retrieved ones (which vLLM's cache then receives). At the check layer the tokens to
+    recompute are selected; past it only they are computed and overwrite their cached rows."""
+    import torch
+
+    old_k, old_v = self.gpu_connector.get_kv(layer_id)
+    if attn_output is None:
+        attn_output = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if self.metadata.positions is None:
+        self.metadata.positions = torch.arange(q.shape[0], device=q.device, dtype=torch.int64)
+    rotary = self.layerwise_model.vllm_model.model.layers[layer_id].self_attn.rotary_emb
+    q, k = rotary(self.metadata.positions, q, k)
+
+    selected = self.metadata.imp_indices
+    if selected is not None:  # past the check layer: only the selected tokens were computed
+        old_k[selected] = k
+        old_v[selected] = v
+        return q, old_k, old_v, residual, attn_output, attn_metadata
+
+    if layer_id in self.common_metadata.check_layers:
+        gaps = getattr(self.gpu_connector, "current_gap_positions", None)
+        selected = select_tokens(k, old_k, gaps, self.common_metadata.recomp_ratios[0])
+        self.metadata.imp_indices = selected
+        self.metadata.positions = self.metadata.positions[selected]
+        attn_metadata.update_from_top_indices(selected)
+        attn_metadata.kvblend_query_positions = selected  # for `selected_attention`
+        old_k.copy_(k)  # every token keeps the fresh K/V computed here
+        old_v.copy_(v)
+        return (q[selected], old_k, old_v, residual[selected], attn_output[: selected.numel()],
+                attn_metadata)
+
+    old_k.copy_(k)  # below the check layer: all tokens computed, all written back
+    old_v.copy_(v)
+    return q, k, v, residual, attn_output, attn_metadata
+
+
+def selected_attention(original):
+    """Wrap `LMCFlashAttnBackend.forward_contiguous`: when the queries are a subset of the keys'
+    positions, attend with the exact causal mask instead of FlashAttention's end-aligned one."""
+
+    @functools.wraps(original)
+    def forward_contiguous(self, query, key, value, output, attn_metadata, **kwargs):
+        positions = getattr(attn_metadata, "kvblend_query_positions", None)
+        if positions is None or positions.numel() == key.shape[0]:
+            return original(self, query, key, value, output, attn_metadata, **kwargs)
+        import torch
+        import torch.nn.functional as F
+
+        # query [n, heads, d] at `positions`; key/value [N, kv_heads, d]; query i sees keys 0..p_i
+        mask = torch.arange(key.shape[0], device=key.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+            attn_mask=mask[None, None], scale=self.vllm_attn_impl.scale,
+            enable_gqa=query.shape[1] != key.shape[1])
+        output.copy_(out[0].transpose(0, 1))
+        return output
+
+    forward_contiguous._kvblend = True
+    return forward_contiguous
+
+
+def _mend_blender() -> None:
+    """Faults 3 and 4: our `process_qkv` for LMCache's blender, exact masks for selected tokens."""
+    from lmcache.v1.compute.attention import flash_attn
+    from lmcache.v1.compute.blend import blender
+
+    blender.LMCBlender.process_qkv = process_qkv
+    backend = flash_attn.LMCFlashAttnBackend
+    if not getattr(backend.forward_contiguous, "_kvblend", False):
+        backend.forward_contiguous = selected_attention(backend.forward_contiguous)
+
+
 def _register_model_after_load() -> None:
     """Wrap `Worker.load_model` so the loaded model is registered for LMCache's blender."""
     from vllm.v1.worker import gpu_worker
@@ -169,10 +281,13 @@ def register() -> None:
     try:
         _register_model_after_load()
         _route_4d_kv_transfer()
+        if blend_path() == "fixed":
+            _mend_blender()
     except ImportError as err:  # vLLM or LMCache missing: the engine itself will say so
         log.warning("kvblend plugin inactive, cannot import %s", err.name or err)
         return
     lmcache_memory = logging.getLogger("lmcache.v1.memory_management")
     if not any(isinstance(f, FirstOnly) for f in lmcache_memory.filters):
         lmcache_memory.addFilter(FirstOnly("Double unpin"))
-    log.info("kvblend plugin active: model registered for LMCache's blender, 4-D KV transfer in PyTorch")
+    log.info("kvblend plugin active: model registered for LMCache's blender, 4-D KV transfer in PyTorch, "
+             "blend path %s", blend_path())

@@ -10,12 +10,15 @@ that folder directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "smollm2"
@@ -58,8 +61,10 @@ def resolve_model_dir(model: str | None = None) -> Path:
             )
         return path
     out = cache_dir() / "smollm2-f32"
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+    if has_standard_keys(out / "model.safetensors") and (out / "tokenizer.json").exists():
         return out
+    if out.exists():  # converted by an older version (no `model.embed_tokens.weight`): redo it
+        shutil.rmtree(out)
     gguf = smollm2_gguf_path()
     t0 = time.perf_counter()
     print(f"Converting {gguf.name} to float32 safetensors in {out} (once)...", flush=True)
@@ -73,10 +78,52 @@ def resolve_model_dir(model: str | None = None) -> Path:
     if hasattr(mdl, "hf_quantizer"):
         mdl.hf_quantizer = None
     mdl.config.save_pretrained(tmp)
-    save_model(mdl, str(tmp / "model.safetensors"))  # handles the tied embedding / lm_head
+    save_checkpoint(mdl, tmp / "model.safetensors")
     tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a half-written folder is never taken for a converted model
     print(f"Converted in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def checkpoint_tensors(mdl, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face's standard names, each stored once.
+
+    A tied `lm_head.weight` is the embedding itself, so it is written only as
+    `model.embed_tokens.weight`: loaders with tied embeddings (transformers, vLLM) fill the head from
+    it. Written only as `lm_head.weight` (what safetensors' `save_model` picks), vLLM leaves the
+    embedding unloaded and every logprob comes out as -ln(vocab)."""
+    tied = getattr(mdl.config, "tie_word_embeddings", False)
+    return {name: t.detach().to(dtype or t.dtype).contiguous()
+            for name, t in mdl.state_dict().items() if not (tied and name == "lm_head.weight")}
+
+
+def save_checkpoint(mdl, path: Path, dtype: torch.dtype | None = None) -> None:
+    save_file(checkpoint_tensors(mdl, dtype), str(path), metadata={"format": "pt"})
+
+
+def has_standard_keys(path: Path) -> bool:
+    """True for a safetensors file that holds the embedding under its standard name."""
+    if not path.exists():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return "model.embed_tokens.weight" in f.keys()
+
+
+def export_bf16(out: Path, model: str | None = None) -> Path:
+    """Write the model as a bfloat16 Hugging Face folder that vLLM serves (the GPU backend's real
+    weights for checking correctness: `python -m helpers.embedded.model --bf16 DIR`)."""
+    mdl, tok, _ = load_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    mdl.config.save_pretrained(out)
+    # What vLLM reads: the architecture, the dtype, rope_theta at the top level (older readers)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)
+    rope_theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    config.update(architectures=["LlamaForCausalLM"], torch_dtype="bfloat16", dtype="bfloat16",
+                  **({"rope_theta": rope_theta} if rope_theta else {}))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_checkpoint(mdl, out / "model.safetensors", torch.bfloat16)
+    tok.save_pretrained(out)
     return out
 
 
@@ -93,5 +140,10 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     return mdl, tok, path
 
 
-if __name__ == "__main__":  # `python -m helpers.embedded.model`: convert the default model now
-    print(resolve_model_dir())
+if __name__ == "__main__":  # `python -m helpers.embedded.model [--bf16 DIR]`: convert the default model
+    import sys
+
+    if sys.argv[1:2] == ["--bf16"] and len(sys.argv) == 3:
+        print(export_bf16(Path(sys.argv[2])))
+    else:
+        print(resolve_model_dir())

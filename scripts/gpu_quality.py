@@ -1,0 +1,212 @@
+"""Is GPU blending right? Real weights, identical ids, blend vs full prefill (issue 9).
+
+    python scripts/gpu_quality.py device --model DIR --out DIR   # on one GPU: start, measure, stop
+    python scripts/gpu_quality.py embedded --out DIR             # the same prompts on the CPU engine
+
+`device` starts, on one GPU, a full-prefill vLLM in bf16 (the reference), one in float32 (the bf16
+noise floor), and one vLLM + LMCache blend engine per recompute ratio, all with the same model and
+the same prompt ids. It precomputes every corpus chunk on each blend engine, then asks every engine
+for the first token's top-20 logprobs on three prompt sets built from `ffmpeg/qa.json`:
+
+- `qa`: the gold chunk and 3 others, shuffled (chunks precomputed alone, so they move);
+- `same_pos`: the gold chunk alone, at the positions it was precomputed at (nothing moves: the
+  reused KV should equal a full prefill's up to bf16);
+- `reordered`: 8 random chunks in random order (≈ 4-5K tokens), the RAG case.
+
+Scores per prompt set and engine, against the bf16 full prefill: first token equal, and KL over the
+union of both top-20 lists (`metrics.topk_kl`). Writes quality.csv and raw.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATIOS = (0.05, 0.15, 0.3, 1.0)
+# blend engines to compare: (blend path, ratio); "upstream" is LMCache's blender as shipped
+BLENDS = tuple(("fixed", r) for r in RATIOS) + (("upstream", 0.15), ("upstream", 1.0))
+FIELDS = ["backend", "model", "engine", "ratio", "prompt_set", "prompts", "first_token_agree",
+          "top20_kl_mean", "exact_kl_mean"]
+TOPK = 20
+
+
+# ------------------------------------------------------------------ prompts
+def prompt_sets(seed: int = 0) -> dict[str, list[tuple[list[str], str]]]:
+    """{set name: [(chunk texts in order, question)]} from the corpus and its QA pairs."""
+    from helpers.corpus import load_chunks, load_qa
+
+    chunks, qa = load_chunks(), load_qa()
+    names = sorted(chunks)
+    rng = random.Random(seed)
+    sets = {"qa": [], "same_pos": [], "reordered": []}
+    for q in qa:
+        others = rng.sample([n for n in names if n != q["chunk"]], 3)
+        order = [q["chunk"], *others]
+        rng.shuffle(order)
+        sets["qa"].append(([chunks[n] for n in order], q["question"]))
+        sets["same_pos"].append(([chunks[q["chunk"]]], q["question"]))
+    for q in qa[:12]:
+        order = rng.sample(names, 8)
+        sets["reordered"].append(([chunks[n] for n in order], q["question"]))
+    return sets
+
+
+# ------------------------------------------------------------------ scoring
+def topk_kl(ref: dict[int, float], other: dict[int, float]) -> float:
+    """KL(ref || other) over the union of two top-k logprob lists, each renormalized on the union.
+
+    A token missing from one list gets that list's smallest logprob (it ranks below all of them, so
+    this is an upper bound on its probability): the score can only overstate a difference."""
+    floor_r, floor_o = min(ref.values()), min(other.values())
+    union = set(ref) | set(other)
+    import math
+
+    lr = [ref.get(t, floor_r) for t in union]
+    lo = [other.get(t, floor_o) for t in union]
+    zr = math.log(sum(math.exp(x) for x in lr))
+    zo = math.log(sum(math.exp(x) for x in lo))
+    return sum(math.exp(a - zr) * ((a - zr) - (b - zo)) for a, b in zip(lr, lo, strict=True))
+
+
+def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
+    """Per engine: prompts, first tokens equal to ref's, mean top-20 KL to ref."""
+    out = {}
+    for name, rows in answers.items():
+        pairs = [(a, b) for a, b in zip(answers[ref], rows, strict=True) if a and b]
+        out[name] = {
+            "prompts": len(pairs),
+            "first_token_agree": sum(a["token"] == b["token"] for a, b in pairs),
+            "top20_kl_mean": round(statistics.fmean(topk_kl(a["top"], b["top"]) for a, b in pairs), 4)
+            if pairs else "",
+        }
+    return out
+
+
+# ------------------------------------------------------------------ the device run
+def first_token(client, url: str, model: str, ids: list[int]) -> dict | None:
+    """The greedy first token and its top-20 logprobs (by token id), from /v1/completions."""
+    r = client.post(url + "/v1/completions", json={
+        "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": TOPK,
+        "return_tokens_as_token_ids": True})
+    if r.status_code != 200:
+        print(f"{url}: {r.status_code} {r.text[:300]}", flush=True)
+        return None
+    lp = r.json()["choices"][0]["logprobs"]
+    top = {int(k.split(":")[1]): v for k, v in lp["top_logprobs"][0].items()}
+    return {"token": int(lp["tokens"][0].split(":")[1]), "top": top}
+
+
+def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
+    import httpx
+
+    from helpers import engines as eng
+    from helpers import gpu_backend as gb
+    from helpers.prompts import DEFAULT_SYSTEM
+
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    eng.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join([str(ROOT), *gb.plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
+    share = round(0.8 / (2 + len(blends)), 3)
+    opts = dict(gpu_memory_utilization=share, max_model_len=8192, architecture=None)
+    engines = [eng.Engine("full", 8100, "vllm", gb.vllm_command(model, 8100, eng.HOST, blend=False,
+                                                                dtype="bfloat16", **opts),
+                          {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}, model=model),
+               eng.Engine("full_fp32", 8101, "vllm", gb.vllm_command(model, 8101, eng.HOST, blend=False,
+                                                                     dtype="float32", **opts),
+                          {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}, model=model)]
+    for i, (blend_path, ratio) in enumerate(blends):
+        yaml = eng.RUN_DIR / f"lmcache-q{i}.yaml"
+        yaml.write_text(gb.lmcache_yaml(ratio, 1, cpu_cache_gb=2.0))
+        rpc = Path(f"/tmp/kvblend-rpc-{i}")  # LMCache's lookup sockets: one folder per engine
+        rpc.mkdir(parents=True, exist_ok=True)
+        engines.append(eng.Engine(f"{blend_path}_{ratio}", 8110 + i, "vllm",
+                                  gb.vllm_command(model, 8110 + i, eng.HOST, blend=True, dtype="bfloat16",
+                                                  **opts),
+                                  {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": str(yaml),
+                                   "KVBLEND_BLEND_PATH": blend_path, "VLLM_RPC_BASE_PATH": str(rpc)},
+                                  model=model))
+    notes: dict = {"model": model, "blends": list(blends)}
+    started = []
+    try:
+        for e in engines:
+            started.append(eng.launch(e))
+        for e in list(engines):  # an engine that fails to start is reported, the others go on
+            try:
+                eng.wait_healthy([e], max(30.0, timeout - (time.time() - t_start)), progress=False)
+            except eng.EngineError as err:
+                print(f"{e.name} did not start: {err}", flush=True)
+                notes.setdefault("failed", {})[e.name] = str(err)[-2000:]
+                engines.remove(e)
+        notes["start_s"] = round(time.time() - t_start, 1)
+        print(f"engines up in {notes['start_s']} s", flush=True)
+        tok = gb.tokenizer_for(model)
+        from helpers.corpus import load_chunks
+
+        with httpx.Client(timeout=600) as client:
+            t0 = time.time()
+            for e in (e for e in engines if not e.name.startswith("full")):
+                for text in load_chunks().values():
+                    client.post(e.url + "/v1/completions", json={
+                        "model": model, "prompt": gb.chat_prompt_ids(tok, [text], None), "max_tokens": 1})
+            notes["precompute_s"] = round(time.time() - t0, 1)
+            raw, rows = {}, []
+            for set_name, prompts in prompt_sets().items():
+                ids = [gb.chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
+                answers = {e.name: [first_token(client, e.url, model, p) for p in ids] for e in engines}
+                raw[set_name] = {"tokens": [len(p) for p in ids],
+                                 "answers": {k: [a and {"token": a["token"], "top": a["top"]} for a in v]
+                                             for k, v in answers.items()}}
+                for name, s in summarize(answers, "full").items():
+                    ratio = "" if name.startswith("full") else name.split("_", 1)[1]
+                    rows.append({"backend": "vllm", "model": "SmolLM2-135M-Instruct (bf16)", "engine": name,
+                                 "ratio": ratio, "prompt_set": set_name, **s, "exact_kl_mean": ""})
+                    print(set_name, name, s, flush=True)
+        write_csv(out / "quality.csv", rows)
+        (out / "raw.json").write_text(json.dumps(raw))
+    finally:
+        for e in started:
+            eng.stop_engine(e)
+        with open(out / "logs.txt", "wb") as f:  # one file: the device returns few files
+            for e in started:
+                if e.log.exists():
+                    f.write(f"\n===== {e.name} =====\n".encode() + e.log.read_bytes()[-300_000:])
+        notes["wall_s"] = round(time.time() - t_start, 1)
+        (out / "notes.json").write_text(json.dumps(notes, indent=1))
+    return 0
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("device")
+    d.add_argument("--model", required=True)
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--blends", default=",".join(f"{p}:{r}" for p, r in BLENDS),
+                   help="blend engines as PATH:RATIO, PATH fixed or upstream")
+    a = ap.parse_args(argv)
+    if a.cmd == "device":
+        blends = tuple((p, float(r)) for p, r in (b.split(":") for b in a.blends.split(",")))
+        return device(a.model, a.out, blends)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
