@@ -200,6 +200,14 @@ def fake_stack(monkeypatch):
         def register_model(cls, name, model):
             registered.append((name, model))
 
+    class Blender:
+        def process_qkv(self, *args):
+            return "upstream"
+
+    class FlashBackend:
+        def forward_contiguous(self, *args, **kwargs):
+            return "flash"
+
     ops, _ = fake_ops()
     modules = {
         "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
@@ -208,6 +216,9 @@ def fake_stack(monkeypatch):
         "lmcache.v1": {}, "lmcache.v1.compute": {}, "lmcache.v1.compute.models": {},
         "lmcache.v1.compute.models.utils": {"VLLMModelTracker": Tracker},
         "lmcache.v1.gpu_connector": {}, "lmcache.v1.gpu_connector.gpu_connectors": {"lmc_ops": ops},
+        "lmcache.v1.compute.blend": {}, "lmcache.v1.compute.blend.blender": {"LMCBlender": Blender},
+        "lmcache.v1.compute.attention": {},
+        "lmcache.v1.compute.attention.flash_attn": {"LMCFlashAttnBackend": FlashBackend},
     }
     for name, attrs in modules.items():
         mod = types.ModuleType(name)
@@ -216,7 +227,8 @@ def fake_stack(monkeypatch):
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(sys.modules[parent], child, mod)
-    return types.SimpleNamespace(Worker=Worker, registered=registered, ops=ops,
+    return types.SimpleNamespace(Worker=Worker, registered=registered, ops=ops, Blender=Blender,
+                                 FlashBackend=FlashBackend,
                                  connectors=sys.modules["lmcache.v1.gpu_connector.gpu_connectors"])
 
 
@@ -260,3 +272,113 @@ def test_register_without_vllm_only_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="vllm.kvblend_plugin"):
         vp.register()
     assert "kvblend plugin inactive" in caplog.text
+
+
+# ------------------------------------------------------------------ the mended blender (issue 9)
+def test_register_mends_blender_unless_upstream(fake_stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    monkeypatch.setenv("KVBLEND_BLEND_PATH", "upstream")
+    vp.register()
+    assert fake_stack.Blender.process_qkv(None) == "upstream"
+    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fixed")
+    vp.register()
+    vp.register()
+    assert fake_stack.Blender.process_qkv is vp.process_qkv
+    forward = fake_stack.FlashBackend.forward_contiguous
+    assert forward._kvblend and forward.__wrapped__(None) == "flash"  # wrapped once
+    monkeypatch.setenv("KVBLEND_BLEND_PATH", "bogus")
+    with pytest.raises(ValueError, match="fixed"):
+        vp.blend_path()
+
+
+def causal_attention(q, k, v):
+    """Reference: full causal attention of [N, heads, d] with GQA, in float64."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    n = q.shape[0]
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_selected_attention_is_exact_causal_for_any_subset():
+    """Recomputed tokens in the middle of the prompt must not see later tokens: the rows of full
+    causal attention at the selected positions. (FlashAttention's end-aligned mask fails this.)"""
+    torch.manual_seed(0)
+    n, heads, kv_heads, d = 40, 6, 2, 8
+    q, k, v = (torch.randn(n, h, d, dtype=torch.float64) for h in (heads, kv_heads, kv_heads))
+    want = causal_attention(q, k, v)
+    selected = torch.tensor([0, 3, 4, 17, 25, 39])
+    impl = types.SimpleNamespace(vllm_attn_impl=types.SimpleNamespace(scale=d ** -0.5))
+    forward = vp.selected_attention(lambda *a, **kw: pytest.fail("flash path taken for a subset"))
+    meta = types.SimpleNamespace(kvblend_query_positions=selected)
+    out = torch.empty(len(selected), heads, d, dtype=torch.float64)
+    forward(impl, q[selected], k, v, out, meta)
+    torch.testing.assert_close(out, want[selected])
+    # end-aligned (what FlashAttention's causal mask does with fewer queries than keys) differs
+    end_aligned = torch.arange(n)[None, :] <= (n - len(selected) + torch.arange(len(selected)))[:, None]
+    assert not torch.equal(end_aligned, torch.arange(n)[None, :] <= selected[:, None])
+    # all tokens selected: the original (flash) path, unchanged
+    assert vp.selected_attention(lambda *a, **kw: "flash")(
+        impl, q, k, v, None, types.SimpleNamespace(kvblend_query_positions=torch.arange(n))) == "flash"
+
+
+def test_select_tokens_counts_cached_tokens_and_always_takes_gaps():
+    old = torch.zeros(20, 4)
+    new = torch.zeros(20, 4)
+    new[[2, 5, 11]] = torch.tensor([[3.0], [1.0], [2.0]])  # the cached tokens that deviate most
+    gaps = torch.tensor([7, 8, 19])  # separators / uncached: always recomputed
+    sel = vp.select_tokens(new, old, gaps, ratio=0.15)  # ceil(0.15 * 17) = 3 cached tokens
+    assert sel.tolist() == [2, 5, 7, 8, 11, 19]
+    assert vp.select_tokens(new, old, gaps, ratio=1.0).tolist() == list(range(20))
+    assert vp.select_tokens(new, old, None, ratio=0.01).tolist() == [2]
+
+
+class FakeRotary:
+    def __call__(self, positions, q, k):
+        return q + positions[:, None], k + positions[:, None]
+
+
+def fake_blender(n, check_layer=1, ratio=0.25, gaps=(3,)):
+    """An LMCBlender-shaped object: per-layer buffers of retrieved K/V, like LMCache's connector."""
+    buffers = {layer: (torch.full((n, 4), -1.0), torch.full((n, 4), -1.0)) for layer in range(4)}
+    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(rotary_emb=FakeRotary()))
+    return types.SimpleNamespace(
+        gpu_connector=types.SimpleNamespace(get_kv=lambda i: buffers[i],
+                                            current_gap_positions=torch.tensor(gaps)),
+        metadata=types.SimpleNamespace(positions=None, imp_indices=None),
+        common_metadata=types.SimpleNamespace(check_layers=[check_layer], recomp_ratios=[ratio]),
+        layerwise_model=types.SimpleNamespace(
+            vllm_model=types.SimpleNamespace(model=types.SimpleNamespace(layers=[layer] * 4)))), buffers
+
+
+def test_process_qkv_writes_back_below_and_at_check_layer_then_only_selected():
+    n = 9
+    blender, buffers = fake_blender(n)
+    meta = types.SimpleNamespace(update_from_top_indices=lambda idx: None)
+
+    def step(layer_id, q, k, v, residual):
+        return vp.process_qkv(blender, q, k, v, residual, layer_id, None, meta)
+
+    # layer 0: every token computed, and its fresh (rotated) K and V reach the buffer vLLM receives
+    q0, k0, v0 = torch.zeros(n, 4), torch.ones(n, 4), torch.full((n, 4), 2.0)
+    _, k_out, _, _, _, _ = step(0, q0, k0, v0, torch.zeros(n, 4))
+    assert torch.equal(buffers[0][0], k0 + torch.arange(n)[:, None])
+    assert torch.equal(buffers[0][1], v0) and torch.equal(k_out, buffers[0][0])
+    # check layer: cached token 6 deviates most; gap 3 always taken; ceil(0.25 * 8) = 2 cached tokens
+    old_k = buffers[1][0]
+    old_k.copy_(torch.arange(n)[:, None].float().expand(n, 4))  # retrieved K = fresh K ...
+    old_k[6] += 5
+    old_k[1] += 1  # ... except tokens 6 and 1
+    q, k_all, _, residual, attn_out, _ = step(1, torch.zeros(n, 4), torch.zeros(n, 4), torch.zeros(n, 4),
+                                              torch.arange(n).float()[:, None].expand(n, 4))
+    assert blender.metadata.imp_indices.tolist() == [1, 3, 6]
+    assert meta.kvblend_query_positions.tolist() == [1, 3, 6]
+    assert q.shape[0] == 3 and residual[:, 0].tolist() == [1, 3, 6] and attn_out.shape[0] == 3
+    assert torch.equal(buffers[1][0], torch.arange(n)[:, None].float().expand(n, 4))  # all fresh
+    # deeper layer: only the selected rows are overwritten, the rest stays retrieved
+    k2 = torch.full((3, 4), 7.0)
+    step(2, torch.zeros(3, 4), k2, k2, torch.zeros(3, 4))
+    rows = buffers[2][0][:, 0]
+    assert rows[[1, 3, 6]].tolist() != [-1.0] * 3
+    assert rows[[0, 2, 4, 5, 7, 8]].tolist() == [-1.0] * 6
