@@ -286,7 +286,7 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
         for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
-            ids = build_prompt_ids(tok, system, [text], None)
+            ids = chat_prompt_ids(tok, [text], None, system)
             try:
                 r = client.post(engine.url + "/v1/completions",
                                 json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0})

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 from helpers import engines as eng  # noqa: E402
 from helpers import gpu_backend as gb  # noqa: E402
-from helpers.prompts import DEFAULT_SYSTEM  # noqa: E402
 
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 SHAPES = {
@@ -216,7 +215,7 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
         if precompute or m > 1:  # the launcher precomputes the corpus chunks, not merged documents
             print(f"precompute (merge {m}):", eng.precompute(blend, list(chunks.values()), progress=False),
                   flush=True)
-    overhead = len(gb.build_prompt_ids(tok, DEFAULT_SYSTEM, [], QUESTION)) + 8
+    overhead = len(gb.chat_prompt_ids(tok, [], QUESTION)) + 8
     costs = {m: {n: len(tok.encode(t, add_special_tokens=False)) + len(gb.separator_ids(tok))
                  for n, t in chunks.items()} for m, chunks in docs.items()}  # a chunk brings a separator
     rows, raw = [], []
@@ -228,8 +227,7 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
         for k in range(queries + 1):  # the first is a warm-up
             names = pick(costs[m], size - overhead, f"{label}-{size}-{k}" + (f"-m{m}" if m > 1 else ""))
             texts = [chunks[n] for n in names]
-            p_blend = gb.build_prompt_ids(tok, DEFAULT_SYSTEM, texts, QUESTION)
-            p_full = gb.build_prompt_ids(tok, DEFAULT_SYSTEM, texts, QUESTION, separators=False)
+            p_blend = p_full = gb.chat_prompt_ids(tok, texts, QUESTION)  # identical ids for both
             offset = blend.log.stat().st_size
             s = {"size": size, "merge": m, "query": k, "chunks": len(names), "blend_tokens": len(p_blend),
                  "full_tokens": len(p_full), "warmup": k == 0}
