@@ -236,6 +236,11 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=True):
         return ([1] if self.bos and add_special_tokens else []) + [ord(c) for c in text]
 
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        """A ChatML-like template, as SmolLM2's."""
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
 
 def lmcache_segments(ids, tokenizer):
     """What LMCache's SegmentTokenDatabase does: separator = encode(" # # ")[1:], split on matches."""
@@ -291,7 +296,7 @@ def test_precompute_posts_ids(monkeypatch):
     monkeypatch.setattr(gb, "tokenizer_for", lambda model: CharTokenizer())
     e = eng.Engine("blend", 8000, "vllm", model="m")
     res = gb.precompute(e, ["ab", "cde"], progress=False, system="S")
-    assert [s["prompt"] for s in sent] == [gb.build_prompt_ids(CharTokenizer(), "S", [t], None)
+    assert [s["prompt"] for s in sent] == [gb.chat_prompt_ids(CharTokenizer(), [t], None, "S")
                                            for t in ("ab", "cde")]
     assert all(s["max_tokens"] == 1 and s["model"] == "m" for s in sent)
     assert res["tokens"] == sum(len(s["prompt"]) for s in sent) and res["computed"] == 2
@@ -311,3 +316,16 @@ def test_module_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=eng.ROOT,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_chat_prompt_ids_same_conversation_as_embedded_and_segments_found_by_lmcache():
+    """Both GPU engines get the chat-templated prompt (issue 9): the template's prefix, each chunk,
+    then the question with the generation header, joined by the ids LMCache splits on."""
+    tok = CharTokenizer(bos=False)
+    ids = gb.chat_prompt_ids(tok, ["chunk A", "chunk B"], "Q?", "S")
+    segments = lmcache_segments(ids, tok)
+    assert ["".join(map(chr, s)) for s in segments] == ["<system>S</><user>", "chunk A", "chunk B",
+                                                        "Q?</><assistant>"]
+    # precompute (question None) gives the same prefix and chunk segments
+    pre = lmcache_segments(gb.chat_prompt_ids(tok, ["chunk A"], None, "S"), tok)
+    assert pre == segments[:2]
