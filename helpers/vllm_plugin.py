@@ -25,7 +25,7 @@ monkeypatching at start-up (never on disk), and quiets one known LMCache warning
    `cu_seqlens_q=[0, n]` and `cu_seqlens_k=[0, N]`. With fewer queries than keys FlashAttention
    aligns the causal mask to the *end*: the i-th selected token attends to keys 0..N-n+i instead of
    0..its own position, so nearly every recomputed K/V has read later tokens. `selected_attention`
-   attends with the exact mask (query at position p sees keys 0..p).
+   attends with the exact mask (query at position p sees keys 0..p), through FlexAttention.
 4. **Layers below the check layer are never written back.** The blender computes them for every
    token but hands vLLM's cache the *retrieved* KV, where the gaps between segments (the separator
    tokens, never cached) are zeros: the question, which vLLM computes itself, attends to zero keys
@@ -209,24 +209,60 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     return q, k, v, residual, attn_output, attn_metadata
 
 
+_FLEX = {}
+
+
+def flex_attention_fn(device_type: str):
+    """PyTorch's FlexAttention: compiled into one fused, block-sparse kernel on the GPU (once, for
+    every prompt length); its eager reference elsewhere (the CPU tests)."""
+    if device_type not in _FLEX:
+        import torch
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[device_type] = torch.compile(flex_attention, dynamic=True) if device_type == "cuda" \
+            else flex_attention
+    return _FLEX[device_type]
+
+
 def selected_attention(original):
     """Wrap `LMCFlashAttnBackend.forward_contiguous`: when the queries are a subset of the keys'
-    positions, attend with the exact causal mask instead of FlashAttention's end-aligned one."""
+    positions, attend with the exact causal mask instead of FlashAttention's end-aligned one.
+
+    FlexAttention does it at FlashAttention-like speed: the queries are sorted by position, so a
+    block of 128 of them needs the key blocks up to its last position, fully unmasked below its
+    first one. The block mask is built once per prompt and reused by every layer."""
 
     @functools.wraps(original)
     def forward_contiguous(self, query, key, value, output, attn_metadata, **kwargs):
         positions = getattr(attn_metadata, "kvblend_query_positions", None)
         if positions is None or positions.numel() == key.shape[0]:
             return original(self, query, key, value, output, attn_metadata, **kwargs)
-        import torch
-        import torch.nn.functional as F
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        # query [n, heads, d] at `positions`; key/value [N, kv_heads, d]; query i sees keys 0..p_i
-        mask = torch.arange(key.shape[0], device=key.device)[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(
-            query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-            attn_mask=mask[None, None], scale=self.vllm_attn_impl.scale,
-            enable_gqa=query.shape[1] != key.shape[1])
+        block_mask = getattr(attn_metadata, "kvblend_block_mask", None)
+        if block_mask is None:
+            def sees(b, h, q_idx, kv_idx):  # query i is the token at positions[i]
+                return kv_idx <= positions[q_idx]
+
+            block_mask = create_block_mask(sees, None, None, positions.numel(), key.shape[0],
+                                           device=key.device)
+            attn_metadata.kvblend_block_mask = block_mask
+        # query [n, heads, d] at `positions`; key/value [N, kv_heads, d] -> [1, heads, tokens, d]
+        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+        gqa, scale = query.shape[1] != key.shape[1], self.vllm_attn_impl.scale
+        try:
+            out = flex_attention_fn(key.device.type)(q, k, v, block_mask=block_mask, scale=scale,
+                                                     enable_gqa=gqa)
+        except Exception as err:  # a FlexAttention build that fails here: exact, but slower
+            if not _FLEX.get("warned"):
+                _FLEX["warned"] = True
+                log.warning("FlexAttention failed (%s); selected tokens attend through SDPA", err)
+            import torch
+            import torch.nn.functional as F
+
+            mask = torch.arange(key.shape[0], device=key.device)[None, :] <= positions[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scale,
+                                                 enable_gqa=gqa)
         output.copy_(out[0].transpose(0, 1))
         return output
 

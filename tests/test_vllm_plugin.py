@@ -315,6 +315,10 @@ def test_selected_attention_is_exact_causal_for_any_subset():
     out = torch.empty(len(selected), heads, d, dtype=torch.float64)
     forward(impl, q[selected], k, v, out, meta)
     torch.testing.assert_close(out, want[selected])
+    # the block mask is built once per prompt and reused by the following layers
+    assert meta.kvblend_block_mask is not None
+    forward(impl, q[selected], k, v, out, meta)
+    torch.testing.assert_close(out, want[selected])
     # end-aligned (what FlashAttention's causal mask does with fewer queries than keys) differs
     end_aligned = torch.arange(n)[None, :] <= (n - len(selected) + torch.arange(len(selected)))[:, None]
     assert not torch.equal(end_aligned, torch.arange(n)[None, :] <= selected[:, None])
