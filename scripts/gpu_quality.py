@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 RATIOS = (0.05, 0.15, 0.3, 1.0)
 # blend engines to compare: (blend path, ratio); "upstream" is LMCache's blender as shipped
 BLENDS = tuple(("fixed", r) for r in RATIOS) + (("upstream", 0.15),)
-FIELDS = ["backend", "model", "engine", "ratio", "prompt_set", "prompts", "first_token_agree",
-          "top20_kl_mean", "exact_kl_mean"]
+FIELDS = ["backend", "model", "engine", "blend_path", "ratio", "prompt_set", "prompts", "first_token_agree",
+          "top20_kl_mean", "exact_kl_mean", "gpus"]
 TOPK = 20
 
 
@@ -193,6 +193,50 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ the embedded engine, same prompts
+def embedded(out: Path, ratios=RATIOS, sets=("qa",), model: str | None = None) -> list[dict]:
+    """The same conversations on the CPU engine (float32, separators never fed to the model): blend
+    and naive reuse (ratio 0) vs its own full prefill, top-20 KL as on the GPU and the exact KL."""
+    from helpers.bench import kl
+    from helpers.embedded.blend import BlendConfig
+    from helpers.prompts import chat_segments
+    from helpers.walkthrough import load_engine
+
+    engine = load_engine(model)
+    rows = []
+    for set_name in sets:
+        prompts = prompt_sets()[set_name]
+        ref, got = [], {r: [] for r in (0.0, *ratios)}
+        exact = {r: [] for r in got}
+        for chunks, question in prompts:
+            segments = chat_segments(engine, chunks, question)
+            full = engine.full_prefill([t for s in segments for t in s]).logits
+            ref.append(top_logprobs(full))
+            for r in got:
+                logits = engine.blend_prefill(segments, BlendConfig(ratio=r)).logits
+                got[r].append(top_logprobs(logits))
+                exact[r].append(kl(full, logits))
+        for r, answers in got.items():
+            s = summarize({"full": ref, "blend": answers}, "full")["blend"]
+            rows.append({"backend": "embedded", "model": "SmolLM2-135M-Instruct (float32)",
+                         "engine": "naive_reuse" if r == 0 else f"blend_{r}", "blend_path": "",
+                         "ratio": r, "prompt_set": set_name, **s,
+                         "exact_kl_mean": round(statistics.fmean(exact[r]), 4), "gpus": "CPU"})
+            print(rows[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, rows)
+    return rows
+
+
+def top_logprobs(logits, k: int = TOPK) -> dict:
+    """{"token", "top": {id: logprob}} of next-token logits, as the GPU engines report them."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), -1)
+    values, ids = lp.topk(k)
+    return {"token": int(ids[0]), "top": dict(zip(ids.tolist(), values.tolist(), strict=True))}
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
@@ -208,7 +252,13 @@ def main(argv=None) -> int:
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--blends", default=",".join(f"{p}:{r}" for p, r in BLENDS),
                    help="blend engines as PATH:RATIO, PATH fixed or upstream")
+    e = sub.add_parser("embedded")
+    e.add_argument("--out", type=Path, required=True, help="CSV to write")
+    e.add_argument("--sets", default="qa", help="prompt sets: qa, same_pos, reordered")
     a = ap.parse_args(argv)
+    if a.cmd == "embedded":
+        embedded(a.out, sets=tuple(a.sets.split(",")))
+        return 0
     if a.cmd == "device":
         blends = tuple((p, float(r)) for p, r in (b.split(":") for b in a.blends.split(",")))
         return device(a.model, a.out, blends)
