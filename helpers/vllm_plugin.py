@@ -193,7 +193,7 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
         return q, old_k, old_v, residual, attn_output, attn_metadata
 
     if layer_id in self.common_metadata.check_layers:
-        gaps = getattr(self.gpu_connector, "current_gap_positions", None)
+        gaps = self.gpu_connector.current_gap_positions  # the separators: rows nothing cached
         selected = select_tokens(k, old_k, gaps, self.common_metadata.recomp_ratios[0])
         self.metadata.imp_indices = selected
         self.metadata.positions = self.metadata.positions[selected]
