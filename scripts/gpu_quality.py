@@ -106,7 +106,7 @@ def first_token(client, url: str, model: str, ids: list[int]) -> dict | None:
     return {"token": int(lp["tokens"][0].split(":")[1]), "top": top}
 
 
-def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
+def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None) -> list[dict]:
     import httpx
 
     from helpers import engines as eng
@@ -137,6 +137,7 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
                                    "KVBLEND_BLEND_PATH": blend_path, "VLLM_RPC_BASE_PATH": str(rpc)},
                                   model=model))
     notes: dict = {"model": model, "blends": list(blends)}
+    rows: list[dict] = []
     started = []
     try:
         for e in engines:
@@ -167,8 +168,10 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
                     client.post(e.url + "/v1/completions", json={
                         "model": model, "prompt": gb.chat_prompt_ids(tok, [text], None), "max_tokens": 1})
             notes["precompute_s"] = round(time.time() - t0, 1)
-            raw, rows = {}, []
+            raw = {}
             for set_name, prompts in prompt_sets().items():
+                if sets and set_name not in sets:
+                    continue
                 ids = [gb.chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
                 answers = {e.name: [first_token(client, e.url, model, p) for p in ids] for e in engines}
                 raw[set_name] = {"tokens": [len(p) for p in ids],
@@ -190,7 +193,7 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600) -> int:
                     f.write(f"\n===== {e.name} =====\n".encode() + e.log.read_bytes()[-300_000:])
         notes["wall_s"] = round(time.time() - t_start, 1)
         (out / "notes.json").write_text(json.dumps(notes, indent=1))
-    return 0
+    return rows
 
 
 # ------------------------------------------------------------------ the embedded engine, same prompts
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "device":
         blends = tuple((p, float(r)) for p, r in (b.split(":") for b in a.blends.split(",")))
-        return device(a.model, a.out, blends)
+        return 0 if device(a.model, a.out, blends) else 1
     return 1
 
 

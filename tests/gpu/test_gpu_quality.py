@@ -1,0 +1,78 @@
+"""The GPU tier (`pytest -m gpu`): blending on vLLM + LMCache gives a full prefill's answer, on real
+weights, with both engines given identical ids (issue 9). Skipped, with the reason, on a machine
+without a GPU, vLLM, LMCache or the weights.
+
+Needs `KVBLEND_GPU_MODEL`: a folder with real SmolLM2-135M-Instruct weights in bf16, as
+`python -m helpers.embedded.model --bf16 DIR` writes it (see docs/gpu.md for carrying it to a GPU
+machine). Starts one full-prefill engine in bf16, one in float32 (the bf16 noise floor) and blend
+engines at three ratios on one GPU, then scores the first token of the QA prompts (a few minutes).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = os.environ.get("KVBLEND_GPU_MODEL", "")
+
+
+def missing() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return "no NVIDIA GPU (nvidia-smi not found)"
+    for name in ("vllm", "lmcache"):
+        if importlib.util.find_spec(name) is None:
+            return f"{name} is not installed (pip install -e '.[gpu]')"
+    if not (Path(MODEL) / "config.json").is_file():
+        return "KVBLEND_GPU_MODEL is not a model folder (real SmolLM2 weights: see docs/gpu.md)"
+    return None
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(missing() is not None, reason=str(missing()))]
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory) -> dict:
+    """{(engine, prompt set): row} from one run of scripts/gpu_quality.py's device harness."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_quality
+
+    os.environ.setdefault("KVBLEND_SHARE_GPU", "1")
+    rows = gpu_quality.device(MODEL, tmp_path_factory.mktemp("quality"),
+                              blends=(("fixed", 0.05), ("fixed", 0.15), ("fixed", 1.0)),
+                              sets=("qa", "same_pos"))
+    return {(r["engine"], r["prompt_set"]): r for r in rows}
+
+
+def embedded_kl(ratio: float) -> float:
+    """The embedded engine's top-20 KL on the same QA prompts (docs/h200_quality.csv)."""
+    with open(ROOT / "docs" / "h200_quality.csv") as f:
+        for r in csv.DictReader(f):
+            if r["backend"] == "embedded" and r["prompt_set"] == "qa" and float(r["ratio"] or -1) == ratio:
+                return float(r["top20_kl_mean"])
+    raise AssertionError(f"docs/h200_quality.csv has no embedded row at ratio {ratio}")
+
+
+def test_ratio_one_is_a_full_prefill(scores):
+    floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
+    r = scores[("fixed_1.0", "qa")]
+    assert r["top20_kl_mean"] <= 2 * floor + 0.002 and r["first_token_agree"] >= 32
+
+
+def test_nothing_moves_gives_the_full_prefill(scores):
+    floor = scores[("full_fp32", "same_pos")]["top20_kl_mean"]
+    assert scores[("fixed_0.15", "same_pos")]["top20_kl_mean"] <= 2 * floor + 0.002
+
+
+def test_ratio_015_close_to_the_embedded_engine_and_kl_falls(scores):
+    floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
+    kls = [scores[(f"fixed_{r}", "qa")]["top20_kl_mean"] for r in (0.05, 0.15, 1.0)]
+    assert kls[1] <= 1.2 * embedded_kl(0.15) + floor
+    assert scores[("fixed_0.15", "qa")]["first_token_agree"] >= 30
+    assert kls[0] > kls[1] > kls[2]
