@@ -154,6 +154,15 @@ def blend_path(environ=None) -> str:
     return path
 
 
+def deviation(environ=None) -> str:
+    """What the check layer compares: `k` (LMCache's choice, the default) or `v` (CacheBlend's
+    original code and our embedded engine), from KVBLEND_BLEND_DEVIATION."""
+    dev = (os.environ if environ is None else environ).get("KVBLEND_BLEND_DEVIATION", "k").strip().lower()
+    if dev not in ("k", "v"):
+        raise ValueError(f"KVBLEND_BLEND_DEVIATION must be 'k' or 'v', got {dev!r}")
+    return dev
+
+
 def select_tokens(k, old_k, gaps, ratio: float):
     """Sorted indices to recompute past the check layer: every gap token (no cached KV) and the
     ceil(ratio * cached tokens) cached tokens whose fresh K deviates most from the cached K."""
@@ -194,7 +203,8 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
 
     if layer_id in self.common_metadata.check_layers:
         gaps = self.gpu_connector.current_gap_positions  # the separators: rows nothing cached
-        selected = select_tokens(k, old_k, gaps, self.common_metadata.recomp_ratios[0])
+        fresh, cached = (v, old_v) if deviation() == "v" else (k, old_k)
+        selected = select_tokens(fresh, cached, gaps, self.common_metadata.recomp_ratios[0])
         self.metadata.imp_indices = selected
         self.metadata.positions = self.metadata.positions[selected]
         attn_metadata.update_from_top_indices(selected)

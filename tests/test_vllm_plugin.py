@@ -386,3 +386,24 @@ def test_process_qkv_writes_back_below_and_at_check_layer_then_only_selected():
     rows = buffers[2][0][:, 0]
     assert rows[[1, 3, 6]].tolist() != [-1.0] * 3
     assert rows[[0, 2, 4, 5, 7, 8]].tolist() == [-1.0] * 6
+
+
+def test_check_layer_deviation_on_k_or_v(monkeypatch):
+    """KVBLEND_BLEND_DEVIATION=v selects by the values, as the embedded engine does."""
+    n = 6
+    meta = types.SimpleNamespace(update_from_top_indices=lambda idx: None)
+    picked = {}
+    for dev, want in (("k", [3, 4]), ("v", [1, 3])):
+        monkeypatch.setenv("KVBLEND_BLEND_DEVIATION", dev)
+        blender, buffers = fake_blender(n, ratio=0.2, gaps=(3,))
+        blender.metadata.positions = torch.zeros(n, dtype=torch.long)  # no rotation: K as given
+        buffers[1][0].zero_()
+        buffers[1][1].zero_()
+        k, v = torch.zeros(n, 4), torch.zeros(n, 4)
+        k[4], v[1] = 9.0, 9.0
+        vp.process_qkv(blender, torch.zeros(n, 4), k, v, torch.zeros(n, 4), 1, None, meta)
+        picked[dev] = blender.metadata.imp_indices.tolist()
+        assert picked[dev] == want
+    monkeypatch.setenv("KVBLEND_BLEND_DEVIATION", "q")
+    with pytest.raises(ValueError, match="'k' or 'v'"):
+        vp.deviation()
