@@ -18,6 +18,7 @@ import nbformat
 import pytest
 
 from helpers import engines as eng
+from helpers import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -41,7 +42,7 @@ def engine_ports(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("engines")
     mp = pytest.MonkeyPatch()
     mp.setenv("KVBLEND_RUN_DIR", str(run_dir))  # read by the kernels and the engines they start
-    mp.setattr(eng, "RUN_DIR", run_dir)  # so that this process stops them
+    mp.setattr(runtime, "RUN_DIR", run_dir)  # so that this process stops them
     blend, full = free_ports(2)
     yield {"BACKEND": "embedded", "BLEND_PORT": blend, "FULL_PORT": full}
     eng.stop()
