@@ -14,7 +14,9 @@ import statistics
 import time
 
 from . import corpus
+from .metrics import kl
 from .prompts import chat_segments
+from .settings import BLEND, BlendSettings
 
 
 # ------------------------------------------------------------------ prompts from the corpus
@@ -32,23 +34,13 @@ def rag_prompts(n_tokens: int, n_prompts: int, seed: int = 0) -> list[tuple[list
     return out
 
 
-def kl(p_logits, q_logits) -> float:
-    """KL(p || q) of next-token distributions given as logits."""
-    import torch
-
-    lp, lq = torch.log_softmax(p_logits.float(), -1), torch.log_softmax(q_logits.float(), -1)
-    return float((lp.exp() * (lp - lq)).sum())
-
-
 # ------------------------------------------------------------------ in-process engine benchmark
-def bench_blend(engine, sizes=(1024, 2048, 4096), n_prompts=20, ratio=0.15, check_layer=1,
-                deviation="v", seed=0, log=print) -> list[dict]:
+def bench_blend(runner, sizes=(1024, 2048, 4096), n_prompts=20, ratio=BLEND.ratio,
+                check_layer=BLEND.check_layer, deviation=BLEND.deviation, seed=0, log=print) -> list[dict]:
     """For each context size: TTFT (prefill to first-token logits) of full prefill, blend and full
     reuse on warm, reordered chunks; first-token agreement and mean KL against full prefill."""
-    from .embedded.blend import BlendConfig
-
-    blend_cfg = BlendConfig(ratio, check_layer, deviation)
-    reuse_cfg = BlendConfig(0.0, check_layer, deviation)
+    blend_cfg = BlendSettings(ratio, check_layer, deviation)
+    reuse_cfg = BlendSettings(0.0, check_layer, deviation)
     rows = []
     for size in sizes:
         t = {"full": [], "blend": [], "reuse": []}
@@ -56,17 +48,17 @@ def bench_blend(engine, sizes=(1024, 2048, 4096), n_prompts=20, ratio=0.15, chec
         kls = {"blend": [], "reuse": []}
         n_tok = []
         for chunks, question in rag_prompts(size, n_prompts, seed):
-            segs = chat_segments(engine, chunks, question)
+            segs = chat_segments(runner, chunks, question)
             for s in segs[:-1]:  # warm: every chunk's KV is in the store (seen before, in another order)
-                engine.chunk_kv(s)
+                runner.chunk_kv(s)
             ids = [x for s in segs for x in s]
             n_tok.append(len(ids))
             t0 = time.perf_counter()
-            full = engine.full_prefill(ids)
+            full = runner.full_prefill(ids)
             t["full"].append(time.perf_counter() - t0)
             for name, cfg in (("blend", blend_cfg), ("reuse", reuse_cfg)):
                 t0 = time.perf_counter()
-                out = engine.blend_prefill(segs, cfg)
+                out = runner.blend_prefill(segs, cfg)
                 t[name].append(time.perf_counter() - t0)
                 agree[name] += int(out.logits.argmax() == full.logits.argmax())
                 kls[name].append(kl(full.logits, out.logits))
@@ -96,13 +88,15 @@ def sweep_engines(sizes=(512, 1024, 2048), repeats=3, max_tokens=1, seed=0, engi
                   log=print) -> list[dict]:
     """TTFT of the blend and full engines, one after the other, on reordered chunks the blend engine
     has seen before. One row per (size, repeat, engine)."""
+    from . import engines as eng
     from .client import ask_one_by_one
 
     rows = []
     for size in sizes:
         prompts = rag_prompts(size, repeats + 1, seed)
         warm_chunks = [c for chunks, _ in prompts for c in chunks]
-        _precompute(warm_chunks, engines)
+        blend = engines[0] if engines else eng.find("blend")
+        eng.precompute(blend, list(dict.fromkeys(warm_chunks)), progress=False)
         for rep, (chunks, question) in enumerate(prompts[1:]):
             res = ask_one_by_one(chunks, question, max_tokens=max_tokens, engines=engines)
             for name, a in res.items():
@@ -114,13 +108,6 @@ def sweep_engines(sizes=(512, 1024, 2048), repeats=3, max_tokens=1, seed=0, engi
             log(f"{size:>6} tokens  repeat {rep}: full {f.ttft_s * 1e3:7.0f} ms   blend "
                 f"{b.ttft_s * 1e3:7.0f} ms   speed-up {f.ttft_s / b.ttft_s:5.2f}x")
     return rows
-
-
-def _precompute(chunks: list[str], engines=None) -> None:
-    from . import engines as eng
-
-    blend = engines[0] if engines else eng.find("blend")
-    eng.precompute(blend, list(dict.fromkeys(chunks)), progress=False)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -143,23 +130,23 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default=None, help="comma-separated context sizes in tokens")
     ap.add_argument("--prompts", type=int, default=20, help="blend: prompts per size")
     ap.add_argument("--repeats", type=int, default=5, help="engines: queries per size")
-    ap.add_argument("--ratio", type=float, default=0.15)
-    ap.add_argument("--check-layer", type=int, default=1)
-    ap.add_argument("--deviation", default="v", help="v, k, or v,k to compare both")
+    ap.add_argument("--ratio", type=float, default=BLEND.ratio)
+    ap.add_argument("--check-layer", type=int, default=BLEND.check_layer)
+    ap.add_argument("--deviation", default=BLEND.deviation, help="v, k, or v,k to compare both")
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
     if args.what == "blend":
-        from .embedded.blend import BlendEngine
+        from .embedded.blend import ModelRunner
         from .embedded.model import load_model
 
         sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
         mdl, tok, path = load_model(args.model)
-        engine = BlendEngine(mdl, tok, model_id=str(path))
+        runner = ModelRunner(mdl, tok, model_id=str(path))
         for dev in args.deviation.split(","):
             print(f"\nratio {args.ratio}, check layer {args.check_layer}, deviation on {dev.upper()}, "
                   f"{args.prompts} reordered prompts per size, warm chunk cache")
             print(BLEND_HEADER)
-            bench_blend(engine, sizes, args.prompts, args.ratio, args.check_layer, dev)
+            bench_blend(runner, sizes, args.prompts, args.ratio, args.check_layer, dev)
     else:
         sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
         rows = sweep_engines(sizes, args.repeats)

@@ -16,7 +16,8 @@ import httpx
 import openai
 
 from . import engines as eng
-from .prompts import DEFAULT_SYSTEM, build_messages
+from .prompts import DEFAULT_SYSTEM
+from .runtime import Engine
 
 
 @dataclass
@@ -38,16 +39,16 @@ class Answer:
         return (self.n_tokens - 1) / max(self.total_s - self.ttft_s, 1e-9)
 
 
-def openai_client(e: eng.Engine, timeout: float = 600) -> openai.OpenAI:
+def openai_client(e: Engine, timeout: float = 600) -> openai.OpenAI:
     # max_retries=0: a dead engine must surface as an error at once, never as a silent retry
     return openai.OpenAI(base_url=e.url + "/v1", api_key="local", timeout=timeout, max_retries=0)
 
 
-def model_id(e: eng.Engine) -> str:
+def model_id(e: Engine) -> str:
     return openai_client(e, timeout=10).models.list().data[0].id
 
 
-def stream_answer(e: eng.Engine, chunks: list[str], question: str, max_tokens: int = 64,
+def stream_answer(e: Engine, chunks: list[str], question: str, max_tokens: int = 64,
                   system: str = DEFAULT_SYSTEM, on_update: Callable[[Answer], None] | None = None,
                   model: str | None = None) -> Answer:
     """Stream one answer (greedy) from engine `e`; never raises: errors land in Answer.error."""
@@ -56,20 +57,11 @@ def stream_answer(e: eng.Engine, chunks: list[str], question: str, max_tokens: i
         client = openai_client(e)
         model = model or model_id(e)
         t0 = time.perf_counter()
-        if e.backend == "vllm":  # LMCache matches chunks by separator token ids: send ids
-            from . import gpu_backend
-
-            # both engines get the same ids: the chat-templated prompt with LMCache's separators
-            ids = gpu_backend.chat_prompt_ids(gpu_backend.tokenizer_for(model), chunks, question, system)
-            # ids go in extra_body: as `prompt=ids` the SDK walks the list item by item, which
-            # costs ~0.3 s at 32K tokens on both engines (measured on H200) and hides the gap
-            stream = client.completions.create(model=model, prompt="", extra_body={"prompt": ids},
-                                               max_tokens=max_tokens, temperature=0, stream=True,
-                                               stream_options={"include_usage": True})
-        else:
-            stream = client.chat.completions.create(
-                model=model, messages=build_messages(chunks, question, system), max_tokens=max_tokens,
-                temperature=0, stream=True, stream_options={"include_usage": True})
+        # each backend builds its own request: chat messages (embedded) or token ids (GPU)
+        api, body = eng.backend(e.backend).request(e, model, chunks, question, system)
+        create = client.chat.completions.create if api == "chat" else client.completions.create
+        stream = create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                        stream_options={"include_usage": True}, **body)
         for event in stream:
             if event.usage:
                 ans.prompt_tokens = event.usage.prompt_tokens
@@ -109,7 +101,7 @@ def _message(err: openai.APIStatusError) -> str:
 
 def ask_both(chunks: list[str], question: str, max_tokens: int = 64, system: str = DEFAULT_SYSTEM,
              on_update: Callable[[Answer], None] | None = None,
-             engines: tuple[eng.Engine, eng.Engine] | None = None) -> dict[str, Answer]:
+             engines: tuple[Engine, Engine] | None = None) -> dict[str, Answer]:
     """Ask the blend and the full engine at the same time; return {"blend": Answer, "full": Answer}.
 
     On the embedded backend the two engines share the CPU cores, so running them at once slows both;
@@ -129,7 +121,7 @@ def ask_both(chunks: list[str], question: str, max_tokens: int = 64, system: str
 
 
 def ask_one_by_one(chunks: list[str], question: str, max_tokens: int = 1, system: str = DEFAULT_SYSTEM,
-                   engines: tuple[eng.Engine, eng.Engine] | None = None) -> dict[str, Answer]:
+                   engines: tuple[Engine, Engine] | None = None) -> dict[str, Answer]:
     """Same as ask_both, one engine after the other, so neither steals the other's cores."""
     engines = engines or (eng.find("blend"), eng.find("full"))
     return {e.name: stream_answer(e, chunks, question, max_tokens, system) for e in engines}

@@ -1,9 +1,16 @@
-"""The chunking contract shared by both engines and every client.
+"""The chunking contract, for both backends and every client.
 
 A RAG prompt is `system prefix # # chunk 1 # # chunk 2 # # ... # # question`, with `SEP = " # # "`
 (LMCache's default `blend_special_str`). Everything between two separators is one *segment*: the
-engines tokenize each segment on its own and never feed the separator to the model, so the blending
-engine can look each chunk's KV up by its token ids, whatever its position in the prompt.
+engines tokenize each segment on its own, so a chunk has the same token ids wherever it stands and
+its cached KV is found by those ids, in any position.
+
+- embedded backend: clients send chat messages with SEP in the text (`build_messages`); the server
+  splits the templated text on SEP (`split_segments`) and never feeds SEP to the model
+  (`chat_segments` is the same cut, in process).
+- GPU backend: clients send the same chat conversation as token ids (`chat_prompt_ids`), to both
+  engines; LMCache finds segment boundaries by the separator's ids (`separator_ids`), which stay in
+  the prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ DEFAULT_SYSTEM = (
 )
 
 
+# ------------------------------------------------------------------ text prompts (embedded backend)
 def build_user_message(chunks: list[str], question: str) -> str:
     """User content for the chat API: a leading separator cuts the chat template's prefix (system
     prompt and the `user` header) into a segment of its own, so that prefix is cached once and every
@@ -39,9 +47,42 @@ def strip_separators(text: str) -> str:
     return " ".join(split_segments(text))
 
 
-def chat_segments(engine, chunks: list[str], question: str, system: str = DEFAULT_SYSTEM) -> list[list[int]]:
+def chat_segments(runner, chunks: list[str], question: str, system: str = DEFAULT_SYSTEM) -> list[list[int]]:
     """Token ids per segment of a RAG chat prompt, exactly as the embedded server's chat endpoint
-    builds them (`engine` is a BlendEngine: its tokenizer and per-segment tokenization)."""
-    text = engine.tok.apply_chat_template(build_messages(chunks, question, system), tokenize=False,
+    builds them (`runner` is a ModelRunner: its tokenizer and per-segment tokenization)."""
+    text = runner.tok.apply_chat_template(build_messages(chunks, question, system), tokenize=False,
                                           add_generation_prompt=True)
-    return engine.tokenize(split_segments(text))
+    return runner.tokenize(split_segments(text))
+
+
+# ------------------------------------------------------------------ token-id prompts (GPU backend)
+def separator_ids(tokenizer, sep: str = SEP) -> list[int]:
+    """The separator ids LMCache's SegmentTokenDatabase searches for: `encode(sep)[1:]`.
+
+    LMCache drops the first id assuming it is BOS; for a tokenizer without BOS (SmolLM2) that drops
+    the first real token, so we must do exactly the same to match."""
+    return list(tokenizer.encode(sep))[1:]
+
+
+def chat_segment_ids(tokenizer, chunks: list[str], question: str | None, system: str = DEFAULT_SYSTEM
+                     ) -> list[list[int]]:
+    """Token ids per segment of the chat-templated RAG prompt, cut exactly as the embedded chat path
+    cuts it: the template's prefix (system prompt and user header), one segment per chunk, and the
+    question with the template's end of turn and generation header (`question=None`: none, what
+    precompute sends)."""
+    text = tokenizer.apply_chat_template(build_messages(chunks, question or "", system), tokenize=False,
+                                         add_generation_prompt=True)
+    segments = split_segments(text)
+    if question is None:
+        segments = segments[:-1]
+    return [list(tokenizer.encode(s, add_special_tokens=False)) for s in segments]
+
+
+def chat_prompt_ids(tokenizer, chunks: list[str], question: str | None, system: str = DEFAULT_SYSTEM
+                    ) -> list[int]:
+    """The chat prompt's segments joined by LMCache's separator ids. *Both* GPU engines get these
+    ids, so the side-by-side differs in blending only (the separator tokens are seen by both)."""
+    sep, ids = separator_ids(tokenizer), []
+    for i, seg in enumerate(chat_segment_ids(tokenizer, chunks, question, system)):
+        ids += (sep if i else []) + seg
+    return ids

@@ -7,26 +7,24 @@ would be on a server that has seen the chunks before, in any order).
 
 from __future__ import annotations
 
-import re
 import statistics
-import string
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from . import corpus
-from .bench import kl
-from .embedded.blend import BlendConfig, BlendEngine
+from .embedded.blend import ModelRunner
+from .metrics import f1, kl
 from .prompts import chat_segments
+from .settings import BLEND, BlendSettings
 
 
-def load_engine(model: str | None = None) -> BlendEngine:
+def load_runner(model: str | None = None) -> ModelRunner:
     from .embedded.model import load_model
 
     mdl, tok, path = load_model(model)
-    return BlendEngine(mdl, tok, model_id=str(path))
+    return ModelRunner(mdl, tok, model_id=str(path))
 
 
 @dataclass
@@ -51,7 +49,7 @@ class Example:
         return ["chat prefix", *self.names, "question"]
 
 
-def example(engine: BlendEngine, qa_index: int = 0, n_tokens: int = 1500, seed: int = 0) -> Example:
+def example(runner: ModelRunner, qa_index: int = 0, n_tokens: int = 1500, seed: int = 0) -> Example:
     """QA item `qa_index` with its chunk in the middle of other chunks (at least one) adding up to
     about n_tokens."""
     qa = corpus.load_qa()[qa_index]
@@ -59,20 +57,20 @@ def example(engine: BlendEngine, qa_index: int = 0, n_tokens: int = 1500, seed: 
     names = corpus.pick_chunks(max(n_tokens - sizes[qa["chunk"]], 1), seed=seed, exclude=[qa["chunk"]])
     names.insert(len(names) // 2, qa["chunk"])
     return Example(names, qa["question"], qa["answer"],
-                   chat_segments(engine, [corpus.load_chunk(n) for n in names], qa["question"]))
+                   chat_segments(runner, [corpus.load_chunk(n) for n in names], qa["question"]))
 
 
-def token_strings(engine: BlendEngine, ids: list[int]) -> list[str]:
-    return [engine.tok.decode([i]) for i in ids]
+def token_strings(runner: ModelRunner, ids: list[int]) -> list[str]:
+    return [runner.tok.decode([i]) for i in ids]
 
 
 # ------------------------------------------------------------------ step 1: each chunk alone
-def chunk_kv_table(engine: BlendEngine, ex: Example) -> list[dict]:
+def chunk_kv_table(runner: ModelRunner, ex: Example) -> list[dict]:
     """Compute (or find) every cached segment's KV on its own; one row per segment."""
     rows = []
     for name, seg in zip(ex.segment_names, ex.segments[:-1], strict=False):
         t0 = time.perf_counter()
-        kv, hit = engine.chunk_kv(seg)
+        kv, hit = runner.chunk_kv(seg)
         rows.append({"segment": name, "tokens": len(seg), "kv_shape": tuple(kv.shape),
                      "MB": kv.numel() * kv.element_size() / 1e6, "cached_before": hit,
                      "ms": (time.perf_counter() - t0) * 1e3})
@@ -80,69 +78,69 @@ def chunk_kv_table(engine: BlendEngine, ex: Example) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the next token, three ways
-def top_tokens(engine: BlendEngine, logits: torch.Tensor, k: int = 8) -> list[tuple[str, float]]:
+def top_tokens(runner: ModelRunner, logits: torch.Tensor, k: int = 8) -> list[tuple[str, float]]:
     p = torch.softmax(logits.float(), -1)
     vals, idx = torch.topk(p, k)
-    return [(engine.tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
+    return [(runner.tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
 
 
-def next_token_logits(engine: BlendEngine, ex: Example, reference, ratio: float = 0.15,
-                      check_layer: int = 1) -> dict[str, torch.Tensor]:
+def next_token_logits(runner: ModelRunner, ex: Example, reference, ratio: float = BLEND.ratio,
+                      check_layer: int = BLEND.check_layer) -> dict[str, torch.Tensor]:
     """Next-token logits of the full prefill `reference`, of naive reuse (r = 0) and of blending."""
     return {"full": reference.logits,
-            "reuse": engine.blend_prefill(ex.segments, BlendConfig(0.0, check_layer)).logits,
-            "blend": engine.blend_prefill(ex.segments, BlendConfig(ratio, check_layer)).logits}
+            "reuse": runner.blend_prefill(ex.segments, BlendSettings(0.0, check_layer)).logits,
+            "blend": runner.blend_prefill(ex.segments, BlendSettings(ratio, check_layer)).logits}
 
 
 # ------------------------------------------------------------------ step 2: RoPE re-rotation
-def rope_errors(engine: BlendEngine, ex: Example, reference, segment: int = -2) -> list[dict]:
+def rope_errors(runner: ModelRunner, ex: Example, reference, segment: int = -2) -> list[dict]:
     """Per layer: relative error of one cached chunk's K against the K that `reference` (a full
     prefill of ex) holds for the same tokens, with the cached K left at positions 0..n-1 and
     re-rotated to where the chunk sits. Layer 0 re-rotated is exact (positions are the only
     difference there); deeper layers drift because the chunk never attended to what precedes it."""
     seg = ex.segments[segment]
     start = sum(len(s) for s in ex.segments[:segment % len(ex.segments)])
-    kv, _ = engine.chunk_kv(seg)
+    kv, _ = runner.chunk_kv(seg)
     rows = []
-    for i in range(engine.n_layers):
+    for i in range(runner.n_layers):
         ref = reference.k[i][:, start:start + len(seg)]
-        err = {name: float(torch.linalg.norm(engine.rerotate(kv[i, 0], at) - ref) / torch.linalg.norm(ref))
+        err = {name: float(torch.linalg.norm(runner.rerotate(kv[i, 0], at) - ref) / torch.linalg.norm(ref))
                for name, at in (("unrotated", 0), ("rerotated", start))}
         rows.append({"layer": i, **err})
     return rows
 
 
 # ------------------------------------------------------------------ step 3: deviation and selection
-def explain(engine: BlendEngine, ex: Example, ratio: float, reference: torch.Tensor,
-            check_layer: int = 1) -> dict:
+def explain(runner: ModelRunner, ex: Example, ratio: float, reference: torch.Tensor,
+            check_layer: int = BLEND.check_layer) -> dict:
     """One blended prefill at `ratio`: which cached tokens it recomputes and why (their KV deviation
     at the check layer), how long it took, and how its next token compares with `reference` (the
     full prefill's logits). With r = 0 nothing is checked; the deviation shown is the same one any
     r > 0 would measure."""
     t0 = time.perf_counter()
-    out = engine.blend_prefill(ex.segments, BlendConfig(ratio, check_layer), explain=True)
+    out = runner.blend_prefill(ex.segments, BlendSettings(ratio, check_layer), explain=True)
     ms = (time.perf_counter() - t0) * 1e3
     dev = out.info.get("deviation")
     if dev is None:  # r = 0 skips the check: measure it with the smallest r > 0
-        probe = engine.blend_prefill(ex.segments, BlendConfig(1e-9, check_layer), explain=True)
+        probe = runner.blend_prefill(ex.segments, BlendSettings(1e-9, check_layer), explain=True)
         dev = probe.info["deviation"]
     n = ex.n_cached
     return {"ratio": ratio, "deviation": dev, "selected": [p for p in out.info.get("selected", []) if p < n],
             "ttft_ms": ms, "kl": kl(reference, out.logits),
             "top1": bool(out.logits.argmax() == reference.argmax()),
-            "next_token": engine.tok.decode([int(out.logits.argmax())]),
+            "next_token": runner.tok.decode([int(out.logits.argmax())]),
             "timings_ms": out.info["timings_ms"]}
 
 
 # ------------------------------------------------------------------ answers and the ratio sweep
-def generate(engine: BlendEngine, ex: Example, cfg: BlendConfig | None = None,
+def generate(runner: ModelRunner, ex: Example, cfg: BlendSettings | None = None,
              max_new: int = 24) -> tuple[str, float, torch.Tensor]:
     """Greedy answer with a full prefill (cfg None) or a blended one: (text, prefill ms, first logits)."""
-    tok = engine.tok
+    tok = runner.tok
     stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     t0 = time.perf_counter()
-    state = (engine.full_prefill(ex.ids, room=max_new) if cfg is None
-             else engine.blend_prefill(ex.segments, cfg, room=max_new))
+    state = (runner.full_prefill(ex.ids, room=max_new) if cfg is None
+             else runner.blend_prefill(ex.segments, cfg, room=max_new))
     ms = (time.perf_counter() - t0) * 1e3
     first, out = state.logits.clone(), []
     for _ in range(max_new):
@@ -151,54 +149,40 @@ def generate(engine: BlendEngine, ex: Example, cfg: BlendConfig | None = None,
             break
         out.append(nxt)
         if len(out) < max_new:
-            engine.decode_step(state, nxt)
+            runner.decode_step(state, nxt)
     return tok.decode(out, skip_special_tokens=True).strip(), ms, first
 
 
-def _norm(text: str) -> list[str]:
-    text = "".join(c for c in text.lower() if c not in string.punctuation or c == "-")
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
-def f1(pred: str, gold: str) -> float:
-    """SQuAD-style token F1 (lower case, no punctuation or articles)."""
-    p, g = _norm(pred), _norm(gold)
-    same = sum((Counter(p) & Counter(g)).values())
-    if not p or not g or not same:
-        return float(p == g)
-    prec, rec = same / len(p), same / len(g)
-    return 2 * prec * rec / (prec + rec)
-
-
-def prefill_ms(engine: BlendEngine, ex: Example, cfg: BlendConfig | None, repeats: int = 1) -> float:
+def prefill_ms(runner: ModelRunner, ex: Example, cfg: BlendSettings | None, repeats: int = 1) -> float:
     """Best of `repeats` prefill times: the minimum is the least disturbed by other work on the
     machine, which matters on a shared CPU."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        engine.full_prefill(ex.ids) if cfg is None else engine.blend_prefill(ex.segments, cfg)
+        runner.full_prefill(ex.ids) if cfg is None else runner.blend_prefill(ex.segments, cfg)
         times.append((time.perf_counter() - t0) * 1e3)
     return min(times)
 
 
-def ratio_sweep(engine: BlendEngine, examples: list[Example], ratios=(0, 0.05, 0.15, 0.3, 1.0),
-                check_layer: int = 1, max_new: int = 24, repeats: int = 2, log=print) -> list[dict]:
+def ratio_sweep(runner: ModelRunner, examples: list[Example], ratios=(0, 0.05, 0.15, 0.3, 1.0),
+                check_layer: int = BLEND.check_layer, max_new: int = 24, repeats: int = 2,
+                log=print) -> list[dict]:
     """For each ratio (and the full prefill): TTFT (median over the examples of the best of
     `repeats` prefills), first-token agreement and KL against the full prefill, answer F1 against
     the QA file and against the full prefill's own answer."""
     per: dict = {}
     for j, ex in enumerate(examples):
         for seg in ex.segments[:-1]:
-            engine.chunk_kv(seg)  # warm: the TTFT of a server that has seen these chunks
-        ref_text, ref_ms, ref = generate(engine, ex, None, max_new)
+            runner.chunk_kv(seg)  # warm: the TTFT of a server that has seen these chunks
+        ref_text, ref_ms, ref = generate(runner, ex, None, max_new)
         runs = [("full", 1.0, None, ref_text, ref_ms, ref)]
         for r in ratios:
-            cfg = BlendConfig(r, check_layer)
-            runs.append(("blend", r, cfg, *generate(engine, ex, cfg, max_new)))
+            cfg = BlendSettings(r, check_layer)
+            runs.append(("blend", r, cfg, *generate(runner, ex, cfg, max_new)))
         for method, r, cfg, text, ms, logits in runs:
             d = per.setdefault((method, r), {"ttft_ms": [], "top1": [], "kl": [], "f1": [], "f1_vs_full": [],
                                              "answers": []})
-            d["ttft_ms"].append(min(ms, prefill_ms(engine, ex, cfg, repeats - 1)) if repeats > 1 else ms)
+            d["ttft_ms"].append(min(ms, prefill_ms(runner, ex, cfg, repeats - 1)) if repeats > 1 else ms)
             d["top1"].append(float(logits.argmax() == ref.argmax()))
             d["kl"].append(kl(ref, logits))
             d["f1"].append(f1(text, ex.answer))

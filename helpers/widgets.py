@@ -1,7 +1,8 @@
 """Widgets for notebook 01: a chunk picker, two side-by-side streaming answer panes, and the app that
 ties them to the engines and to a live TTFT chart.
 
-The picker and the panes are anywidgets with their JavaScript inline (no CDN, no build step): the
+The picker and the panes are anywidgets whose JavaScript and CSS sit next to this file
+(`chunk_picker.js`/`.css`, `stream_panes.js`/`.css`; plain ES modules, no CDN, no build step): the
 picker uses native HTML5 drag-and-drop and its Python `order` trait is the API, so a script sets
 `picker.order = [...]` and a user drags; both go through the same code. DOM elements carry stable
 `data-testid`s and `kvb-*` classes for browser tests.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anywidget
 import ipywidgets as w
@@ -23,178 +25,15 @@ import traitlets as t
 
 from . import client, corpus, plots
 from . import engines as eng
+from .runtime import Engine
+from .settings import BLEND
+
+HERE = Path(__file__).parent
+PICKER_JS, PICKER_CSS = HERE / "chunk_picker.js", HERE / "chunk_picker.css"
+PANES_JS, PANES_CSS = HERE / "stream_panes.js", HERE / "stream_panes.css"
+
 
 # ------------------------------------------------------------------ chunk picker
-PICKER_JS = r"""
-function el(tag, attrs = {}, ...kids) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v);
-  }
-  e.append(...kids);
-  return e;
-}
-
-function render({ model, el: host }) {
-  const root = el("div", { class: "kvb-picker", "data-testid": "chunk-picker" });
-  host.appendChild(root);
-  const setOrder = (order) => { model.set("order", order); model.save_changes(); };
-  let dragged = null;
-
-  // Drop `name` before or after `target` (or at the end when target is null) in the context.
-  function dropAt(name, target, after) {
-    const order = model.get("order").filter((n) => n !== name);
-    let i = target === null ? order.length : order.indexOf(target) + (after ? 1 : 0);
-    if (i < 0) i = order.length;
-    order.splice(i, 0, name);
-    setOrder(order);
-  }
-  function clearMarks() {
-    root.querySelectorAll(".kvb-drop-before, .kvb-drop-after")
-      .forEach((e) => e.classList.remove("kvb-drop-before", "kvb-drop-after"));
-  }
-  function draggable(li, name) {
-    li.draggable = true;
-    li.addEventListener("dragstart", (ev) => {
-      dragged = name;
-      ev.dataTransfer.setData("text/plain", name);
-      ev.dataTransfer.effectAllowed = "move";
-      li.classList.add("kvb-dragging");
-    });
-    li.addEventListener("dragend", () => {
-      dragged = null;
-      li.classList.remove("kvb-dragging");
-      clearMarks();
-    });
-  }
-  const nameOf = (ev) => ev.dataTransfer.getData("text/plain") || dragged;
-
-  function draw() {
-    const scroll = root.querySelector(".kvb-library")?.scrollTop || 0;  // keep it across redraws
-    const chunks = model.get("chunks");
-    const order = model.get("order");
-    const byName = Object.fromEntries(chunks.map((c) => [c.name, c]));
-    const count = el("span", { class: "kvb-token-count", "data-testid": "token-count" },
-                     `${model.get("tokens")} tokens in ${order.length} chunks`);
-    const selected = el("ol", { class: "kvb-selected", "data-testid": "selected-chunks" });
-    order.forEach((name, i) => {
-      const c = byName[name] || { title: name, tokens: "?" };
-      const btn = (label, testid, title, fn) =>
-        el("button", { class: "kvb-btn", "data-testid": testid, title, onclick: fn }, label);
-      const move = (d) => () => {
-        const o = [...order]; const j = i + d;
-        if (j < 0 || j >= o.length) return;
-        [o[i], o[j]] = [o[j], o[i]]; setOrder(o);
-      };
-      const li = el("li", { class: "kvb-chunk kvb-chunk-selected", "data-testid": "selected-chunk",
-                            "data-name": name },
-        el("span", { class: "kvb-handle", title: "drag to reorder" }, "⠿"),
-        el("span", { class: "kvb-pos" }, `${i + 1}.`),
-        el("span", { class: "kvb-title" }, c.title),
-        el("span", { class: "kvb-tokens" }, `${c.tokens}`),
-        btn("▲", "move-up", "move up", move(-1)), btn("▼", "move-down", "move down", move(1)),
-        btn("✕", "remove", "remove from the context", () => setOrder(order.filter((n) => n !== name))));
-      draggable(li, name);
-      li.addEventListener("dragover", (ev) => {
-        ev.preventDefault();
-        ev.stopPropagation();
-        const r = li.getBoundingClientRect();
-        const after = ev.clientY > r.top + r.height / 2;
-        clearMarks();
-        li.classList.add(after ? "kvb-drop-after" : "kvb-drop-before");
-      });
-      li.addEventListener("drop", (ev) => {
-        ev.preventDefault();
-        ev.stopPropagation();
-        const r = li.getBoundingClientRect();
-        const src = nameOf(ev);
-        clearMarks();
-        if (src && src !== name) dropAt(src, name, ev.clientY > r.top + r.height / 2);
-      });
-      selected.appendChild(li);
-    });
-    if (!order.length) selected.appendChild(
-      el("li", { class: "kvb-empty" }, "Tick chunks below, or drag them here."));
-    selected.addEventListener("dragover", (ev) => ev.preventDefault());
-    selected.addEventListener("drop", (ev) => {
-      ev.preventDefault();
-      clearMarks();
-      const src = nameOf(ev);
-      if (src) dropAt(src, null, true);
-    });
-
-    const library = el("ul", { class: "kvb-library", "data-testid": "chunk-library" });
-    for (const c of chunks) {
-      const box = el("input", { type: "checkbox", class: "kvb-check", "data-testid": "chunk-checkbox" });
-      box.checked = order.includes(c.name);
-      box.addEventListener("change", () => setOrder(
-        box.checked ? [...order, c.name] : order.filter((n) => n !== c.name)));
-      const li = el("li", { class: "kvb-chunk kvb-chunk-library" + (box.checked ? " kvb-in-context" : ""),
-                            "data-testid": "library-chunk", "data-name": c.name },
-        el("label", {}, box, el("span", { class: "kvb-title" }, c.title)),
-        el("span", { class: "kvb-tokens" }, `${c.tokens}`));
-      draggable(li, c.name);
-      library.appendChild(li);
-    }
-    // Dropping a context chunk on the library takes it out of the context.
-    library.addEventListener("dragover", (ev) => ev.preventDefault());
-    library.addEventListener("drop", (ev) => {
-      ev.preventDefault();
-      const src = nameOf(ev);
-      if (src && model.get("order").includes(src)) setOrder(model.get("order").filter((n) => n !== src));
-    });
-
-    root.replaceChildren(
-      el("div", { class: "kvb-head" }, el("b", {}, "Context, in prompt order "),
-         el("span", { class: "kvb-hint" }, "(drag to reorder) "), count),
-      selected,
-      el("div", { class: "kvb-head" }, el("b", {}, "Library "),
-         el("span", { class: "kvb-hint" }, "(tick to add; tokens per chunk on the right)")),
-      library);
-    library.scrollTop = scroll;
-  }
-  const onCount = () => {
-    const c = root.querySelector("[data-testid=token-count]");
-    if (c) c.textContent = `${model.get("tokens")} tokens in ${model.get("order").length} chunks`;
-  };
-  draw();
-  model.on("change:order", draw);
-  model.on("change:chunks", draw);
-  model.on("change:tokens", onCount);
-  return () => {
-    model.off("change:order", draw);
-    model.off("change:chunks", draw);
-    model.off("change:tokens", onCount);
-  };
-}
-export default { render };
-"""
-
-PICKER_CSS = """
-.kvb-picker { font-size: 13px; max-width: 760px; }
-.kvb-picker .kvb-head { margin: 6px 0 4px; }
-.kvb-picker .kvb-hint { color: #777; }
-.kvb-picker .kvb-token-count { float: right; font-weight: 600; color: #1f9e89; }
-.kvb-picker ol, .kvb-picker ul { list-style: none; margin: 0; padding: 4px; border: 1px solid #ccc;
-  border-radius: 4px; }
-.kvb-picker ol.kvb-selected { min-height: 34px; background: #f3faf8; }
-.kvb-picker ul.kvb-library { max-height: 240px; overflow-y: auto; }
-.kvb-picker .kvb-chunk { display: flex; gap: 6px; align-items: center; padding: 3px 6px;
-  border-bottom: 1px solid #eee; cursor: grab; background: white; }
-.kvb-picker .kvb-chunk .kvb-title, .kvb-picker .kvb-chunk label { flex: 1; }
-.kvb-picker .kvb-tokens { color: #777; font-variant-numeric: tabular-nums; }
-.kvb-picker .kvb-in-context { background: #f3faf8; }
-.kvb-picker .kvb-dragging { opacity: 0.4; }
-.kvb-picker .kvb-drop-before { box-shadow: inset 0 3px 0 #1f9e89; }
-.kvb-picker .kvb-drop-after { box-shadow: inset 0 -3px 0 #1f9e89; }
-.kvb-picker .kvb-handle { color: #999; }
-.kvb-picker .kvb-btn { border: none; background: none; cursor: pointer; padding: 0 3px; color: #555; }
-.kvb-picker .kvb-empty { color: #777; font-style: italic; padding: 6px; }
-"""
-
-
 class ChunkPicker(anywidget.AnyWidget):
     """Pick chunks from the ffmpeg/ corpus and put them in prompt order.
 
@@ -235,71 +74,6 @@ class ChunkPicker(anywidget.AnyWidget):
 
 
 # ------------------------------------------------------------------ streaming panes
-PANES_JS = r"""
-function render({ model, el: host }) {
-  const root = document.createElement("div");
-  root.className = "kvb-panes";
-  root.dataset.testid = "stream-panes";
-  host.appendChild(root);
-  const fmt = (v, unit, digits) => (v === null || v === undefined) ? "—" : `${v.toFixed(digits)} ${unit}`;
-  const views = {};
-  function view(name) {
-    if (views[name]) return views[name];
-    const pane = document.createElement("div");
-    pane.className = `kvb-pane kvb-pane-${name}`;
-    pane.dataset.testid = `pane-${name}`;
-    pane.innerHTML = `
-      <div class="kvb-pane-head"><b class="kvb-label"></b> <span class="kvb-url"></span></div>
-      <div class="kvb-stats">
-        <span class="kvb-state" data-testid="state-${name}"></span>
-        <span class="kvb-ttft" data-testid="ttft-${name}"></span>
-        <span class="kvb-tps" data-testid="tps-${name}"></span>
-      </div>
-      <div class="kvb-error" data-testid="error-${name}"></div>
-      <pre class="kvb-text" data-testid="text-${name}"></pre>`;
-    root.querySelector(".kvb-row").appendChild(pane);
-    return (views[name] = pane);
-  }
-  root.innerHTML = `<div class="kvb-row"></div><div class="kvb-summary" data-testid="summary"></div>`;
-  function draw() {
-    for (const p of model.get("panes")) {
-      const v = view(p.name);
-      v.dataset.state = p.state;
-      v.querySelector(".kvb-label").textContent = p.label;
-      v.querySelector(".kvb-url").textContent = p.url;
-      v.querySelector(".kvb-state").textContent = p.state;
-      v.querySelector(".kvb-ttft").textContent = `TTFT ${fmt(p.ttft_s, "s", 2)}`;
-      v.querySelector(".kvb-tps").textContent = `${fmt(p.tokens_per_s, "tok/s", 1)}`;
-      v.querySelector(".kvb-error").textContent = p.error || "";
-      v.querySelector(".kvb-text").textContent = p.text;
-    }
-    root.querySelector(".kvb-summary").textContent = model.get("summary");
-  }
-  draw();
-  model.on("change:panes", draw);
-  model.on("change:summary", draw);
-  return () => { model.off("change:panes", draw); model.off("change:summary", draw); };
-}
-export default { render };
-"""
-
-PANES_CSS = """
-.kvb-panes .kvb-row { display: flex; gap: 12px; }
-.kvb-panes .kvb-pane { flex: 1; min-width: 0; border: 2px solid #ccc; border-radius: 6px; padding: 8px; }
-.kvb-panes .kvb-pane-blend { border-color: #1f9e89; }
-.kvb-panes .kvb-pane-full { border-color: #e4572e; }
-.kvb-panes .kvb-url { color: #777; font-size: 12px; }
-.kvb-panes .kvb-stats { display: flex; gap: 12px; font-variant-numeric: tabular-nums; margin: 4px 0; }
-.kvb-panes .kvb-ttft { font-weight: 700; }
-.kvb-panes .kvb-state { color: #777; }
-.kvb-panes .kvb-error { color: #b00020; white-space: pre-wrap; }
-.kvb-panes .kvb-error:empty { display: none; }
-.kvb-panes .kvb-text { white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere;
-  min-height: 60px; max-height: 260px; overflow-y: auto;
-  background: #fafafa; margin: 0; padding: 6px; font-size: 12px; }
-.kvb-panes .kvb-summary { margin-top: 6px; font-weight: 600; }
-"""
-
 PANE_LABELS = {"blend": "blend: reuses cached chunk KV", "full": "full prefill"}
 
 
@@ -382,7 +156,7 @@ class CompareApp(w.VBox):
     chunks' KV on the blend engine (a no-op once cached), asks both engines at the same time and
     adds the question's TTFTs to `history` and to the live chart."""
 
-    def __init__(self, engines: Sequence[eng.Engine], picker: ChunkPicker | None = None,
+    def __init__(self, engines: Sequence[Engine], picker: ChunkPicker | None = None,
                  question: str = "", max_tokens: int = 48):
         self.engines = tuple(engines)
         self.picker = picker or ChunkPicker()
@@ -473,7 +247,7 @@ class RatioExplorer(w.VBox):
     which tokens get recomputed, the time it took and how close the next token is to a full
     prefill. Setting `slider.value` from code does the same (the scripted path)."""
 
-    def __init__(self, run: Callable[[float], dict], tokens: list[str], ratio: float = 0.15):
+    def __init__(self, run: Callable[[float], dict], tokens: list[str], ratio: float = BLEND.ratio):
         """`run(ratio)` returns {"deviation", "selected", "ttft_ms", "kl", "top1", "next_token"}
         (see `walkthrough.explain`)."""
         self.run, self.tokens = run, tokens

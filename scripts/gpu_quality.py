@@ -110,29 +110,27 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
     import httpx
 
     from helpers import engines as eng
-    from helpers import gpu_backend as gb
-    from helpers.prompts import DEFAULT_SYSTEM
+    from helpers import runtime
+    from helpers.gpu import launch as gb
+    from helpers.prompts import DEFAULT_SYSTEM, chat_prompt_ids
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    eng.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([str(ROOT), *gb.plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
     share = round(0.8 / (2 + len(blends)), 3)
     opts = dict(gpu_memory_utilization=share, max_model_len=8192, architecture=None)
-    engines = [eng.Engine("full", 8100, "vllm", gb.vllm_command(model, 8100, eng.HOST, blend=False,
-                                                                dtype="bfloat16", **opts),
-                          {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}, model=model),
-               eng.Engine("full_fp32", 8101, "vllm", gb.vllm_command(model, 8101, eng.HOST, blend=False,
-                                                                     dtype="float32", **opts),
-                          {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}, model=model)]
+    env = {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}
+    engines = [runtime.Engine(name, port, "vllm", gb.vllm_command(model, port, runtime.HOST, blend=False,
+                                                                  dtype=dtype, **opts), env, model=model)
+               for name, port, dtype in (("full", 8100, "bfloat16"), ("full_fp32", 8101, "float32"))]
     for i, (blend_path, ratio) in enumerate(blends):
-        yaml = eng.RUN_DIR / f"lmcache-q{i}.yaml"
+        yaml = runtime.RUN_DIR / f"lmcache-q{i}.yaml"
         yaml.write_text(gb.lmcache_yaml(ratio, 1, cpu_cache_gb=2.0))
         rpc = Path(f"/tmp/kvblend-rpc-{i}")  # LMCache's lookup sockets: one folder per engine
         rpc.mkdir(parents=True, exist_ok=True)
-        engines.append(eng.Engine(f"{blend_path}_{ratio}", 8110 + i, "vllm",
-                                  gb.vllm_command(model, 8110 + i, eng.HOST, blend=True, dtype="bfloat16",
-                                                  **opts),
+        cmd = gb.vllm_command(model, 8110 + i, runtime.HOST, blend=True, dtype="bfloat16", **opts)
+        engines.append(runtime.Engine(f"{blend_path}_{ratio}", 8110 + i, "vllm", cmd,
                                   {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": str(yaml),
                                    "KVBLEND_BLEND_PATH": blend_path, "VLLM_RPC_BASE_PATH": str(rpc)},
                                   model=model))
@@ -146,13 +144,13 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
         for e in list(engines):  # vLLM's memory profiling can fail when many start at once: retry
             try:
                 eng.wait_healthy([e], max(30.0, timeout - (time.time() - t_start)), progress=False)
-            except eng.EngineError:
+            except runtime.EngineError:
                 retry.append(e)
         for e in retry:  # one at a time; an engine that fails again is reported, the others go on
             try:
                 eng.launch(e)
                 eng.wait_healthy([e], 240, progress=False)
-            except eng.EngineError as err:
+            except runtime.EngineError as err:
                 print(f"{e.name} did not start: {err}", flush=True)
                 notes.setdefault("failed", {})[e.name] = str(err)[-2000:]
                 engines.remove(e)
@@ -166,13 +164,13 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
             for e in (e for e in engines if not e.name.startswith("full")):
                 for text in load_chunks().values():
                     client.post(e.url + "/v1/completions", json={
-                        "model": model, "prompt": gb.chat_prompt_ids(tok, [text], None), "max_tokens": 1})
+                        "model": model, "prompt": chat_prompt_ids(tok, [text], None), "max_tokens": 1})
             notes["precompute_s"] = round(time.time() - t0, 1)
             raw = {}
             for set_name, prompts in prompt_sets().items():
                 if sets and set_name not in sets:
                     continue
-                ids = [gb.chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
+                ids = [chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
                 answers = {e.name: [first_token(client, e.url, model, p) for p in ids] for e in engines}
                 raw[set_name] = {"tokens": [len(p) for p in ids],
                                  "answers": {k: [a and {"token": a["token"], "top": a["top"]} for a in v]
@@ -200,23 +198,23 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
 def embedded(out: Path, ratios=RATIOS, sets=("qa",), model: str | None = None) -> list[dict]:
     """The same conversations on the CPU engine (float32, separators never fed to the model): blend
     and naive reuse (ratio 0) vs its own full prefill, top-20 KL as on the GPU and the exact KL."""
-    from helpers.bench import kl
-    from helpers.embedded.blend import BlendConfig
+    from helpers.metrics import kl
     from helpers.prompts import chat_segments
-    from helpers.walkthrough import load_engine
+    from helpers.settings import BlendSettings
+    from helpers.walkthrough import load_runner
 
-    engine = load_engine(model)
+    runner = load_runner(model)
     rows = []
     for set_name in sets:
         prompts = prompt_sets()[set_name]
         ref, got = [], {r: [] for r in (0.0, *ratios)}
         exact = {r: [] for r in got}
         for chunks, question in prompts:
-            segments = chat_segments(engine, chunks, question)
-            full = engine.full_prefill([t for s in segments for t in s]).logits
+            segments = chat_segments(runner, chunks, question)
+            full = runner.full_prefill([t for s in segments for t in s]).logits
             ref.append(top_logprobs(full))
             for r in got:
-                logits = engine.blend_prefill(segments, BlendConfig(ratio=r)).logits
+                logits = runner.blend_prefill(segments, BlendSettings(ratio=r)).logits
                 got[r].append(top_logprobs(logits))
                 exact[r].append(kl(full, logits))
         for r, answers in got.items():

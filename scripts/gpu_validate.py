@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helpers import engines as eng  # noqa: E402
-from helpers import gpu_backend as gb  # noqa: E402
+from helpers import runtime  # noqa: E402
+from helpers.gpu import launch as gpu  # noqa: E402
+from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 SHAPES = {
@@ -75,7 +77,7 @@ def selftest(out: Path | None = None) -> dict:
     import lmcache.c_ops as ops
     import torch
 
-    from helpers.vllm_plugin import paged_kv_transfer
+    from helpers.gpu.plugin import paged_kv_transfer
 
     torch.manual_seed(0)
     nb, bs, nh, hs, n = 2048, 16, 8, 128, 12000
@@ -208,15 +210,15 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
     clients = {e.name: openai.OpenAI(base_url=e.url + "/v1", api_key="local", max_retries=0, timeout=900)
                for e in (blend, full)}
     model = blend.model or clients["blend"].models.list().data[0].id
-    tok = gb.tokenizer_for(model)
+    tok = gpu.tokenizer_for(model)
     base, source = corpus_chunks()
     docs = {m: merge_chunks(base, m) for m in merges}
     for m, chunks in docs.items():
         if precompute or m > 1:  # the launcher precomputes the corpus chunks, not merged documents
             print(f"precompute (merge {m}):", eng.precompute(blend, list(chunks.values()), progress=False),
                   flush=True)
-    overhead = len(gb.chat_prompt_ids(tok, [], QUESTION)) + 8
-    costs = {m: {n: len(tok.encode(t, add_special_tokens=False)) + len(gb.separator_ids(tok))
+    overhead = len(chat_prompt_ids(tok, [], QUESTION)) + 8
+    costs = {m: {n: len(tok.encode(t, add_special_tokens=False)) + len(separator_ids(tok))
                  for n, t in chunks.items()} for m, chunks in docs.items()}  # a chunk brings a separator
     rows, raw = [], []
     for size, m in ((size, m) for size in sizes for m in merges):
@@ -227,7 +229,7 @@ def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, prec
         for k in range(queries + 1):  # the first is a warm-up
             names = pick(costs[m], size - overhead, f"{label}-{size}-{k}" + (f"-m{m}" if m > 1 else ""))
             texts = [chunks[n] for n in names]
-            p_blend = p_full = gb.chat_prompt_ids(tok, texts, QUESTION)  # identical ids for both
+            p_blend = p_full = chat_prompt_ids(tok, texts, QUESTION)  # identical ids for both
             offset = blend.log.stat().st_size
             s = {"size": size, "merge": m, "query": k, "chunks": len(names), "blend_tokens": len(p_blend),
                  "full_tokens": len(p_full), "warmup": k == 0}
@@ -289,7 +291,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
                               capture_output=True, text=True)
         notes["selftest_rc"] = test.returncode
         print(test.stdout + test.stderr[-3000:], flush=True)
-    gpus = gb.visible_gpus()
+    gpus = gpu.visible_gpus()
     layout = f"{len(gpus)}x H200" if len(gpus) >= 2 else "1x H200 (shared)"
     t0 = time.time()
     launch = subprocess.run(["./launch_engines.sh", "--backend", "vllm", "--model", str(model),
@@ -306,7 +308,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
             rows = bench(LABELS[shape], layout, sizes, queries, out, not precomputed, t_start + budget_s,
                          merges)
     finally:
-        log = eng.RUN_DIR / "blend.log"
+        log = runtime.RUN_DIR / "blend.log"
         text = log.read_text(errors="replace") if log.exists() else ""
         notes["plugin_active_lines"] = text.count("kvblend plugin active")
         notes["double_unpin_lines"] = text.count("Double unpin")
@@ -315,7 +317,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         notes["logged_requests_with_hits"] = sum(1 for m in HIT_RE.finditer(text) if int(m[3]) > 0)
         eng.stop()
         for name in ("blend", "full"):
-            src = eng.RUN_DIR / f"{name}.log"
+            src = runtime.RUN_DIR / f"{name}.log"
             if src.exists():  # the last 4 MB is plenty and stays under the copy-back limit
                 data = src.read_bytes()[-4_000_000:]
                 (out / f"{name}_{shape}.log").write_bytes(data)

@@ -20,10 +20,10 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, monkeypatch_session):
     """Pid files and logs of engines started by tests, away from a user's .engines/."""
-    from helpers import engines
+    from helpers import runtime
 
     d = tmp_path_factory.mktemp("engines")
-    monkeypatch_session.setattr(engines, "RUN_DIR", d)
+    monkeypatch_session.setattr(runtime, "RUN_DIR", d)
     monkeypatch_session.setenv("KVBLEND_RUN_DIR", str(d))
     return d
 

@@ -1,4 +1,4 @@
-"""helpers/gpu_backend.py on CPU: GPU / version / architecture checks and their messages, the two
+"""helpers/gpu/launch.py on CPU: GPU / version / architecture checks and their messages, the two
 engines' command lines and environment, the LMCache YAML, the plugin's entry point, and prompt ids
 as LMCache's segment matcher splits them. No GPU, vLLM or LMCache needed."""
 
@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from helpers import engines as eng
-from helpers import gpu_backend as gb
-from helpers import vllm_plugin
-from helpers.engines import EngineError
+from helpers import prompts, runtime
+from helpers.gpu import launch as gpu
+from helpers.gpu import plugin
+from helpers.runtime import EngineError
 
 MISTRAL = {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768}
 LLAMA_LONG = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 200000}
@@ -22,20 +23,20 @@ LLAMA_LONG = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 
 def gpus(monkeypatch):
     """Pretend nvidia-smi lists `n` GPUs."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv(gb.SHARE_ENV, raising=False)
+    monkeypatch.delenv(gpu.SHARE_ENV, raising=False)
 
     def set_count(n):
-        monkeypatch.setattr(eng, "gpu_count", lambda: n)
+        monkeypatch.setattr(runtime, "gpu_count", lambda: n)
 
     return set_count
 
 
 @pytest.fixture
 def versions(monkeypatch):
-    monkeypatch.delenv(gb.SKIP_VERSION_ENV, raising=False)
+    monkeypatch.delenv(gpu.SKIP_VERSION_ENV, raising=False)
 
     def set_versions(**have):
-        monkeypatch.setattr(gb, "installed_version", lambda name: have.get(name))
+        monkeypatch.setattr(gpu, "installed_version", lambda name: have.get(name))
 
     return set_versions
 
@@ -44,8 +45,8 @@ def versions(monkeypatch):
 def ready(gpus, versions, tmp_path, monkeypatch):
     """Two GPUs, the tested pair installed, engine files in a temporary run dir."""
     gpus(2)
-    versions(**gb.VERSIONS)
-    monkeypatch.setattr(eng, "RUN_DIR", tmp_path / "run")
+    versions(**gpu.VERSIONS)
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path / "run")
     return tmp_path
 
 
@@ -60,61 +61,61 @@ def model_dir(tmp_path, config, name="model"):
 def test_no_gpu(gpus):
     gpus(0)
     with pytest.raises(EngineError, match=r"No NVIDIA GPU found.*--backend embedded"):
-        gb.check_gpus()
+        gpu.check_gpus()
 
 
 def test_one_gpu_needs_opt_in(gpus, monkeypatch):
     gpus(1)
     with pytest.raises(EngineError, match=r"Only one GPU.*KVBLEND_SHARE_GPU=1.*--backend embedded"):
-        gb.check_gpus()
-    monkeypatch.setenv(gb.SHARE_ENV, "1")
-    assert gb.check_gpus() == ("0", "0")
+        gpu.check_gpus()
+    monkeypatch.setenv(gpu.SHARE_ENV, "1")
+    assert gpu.check_gpus() == ("0", "0")
 
 
 def test_two_gpus_and_visible_devices(gpus, monkeypatch):
     gpus(4)
-    assert gb.check_gpus() == ("0", "1")
+    assert gpu.check_gpus() == ("0", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2")
-    assert gb.check_gpus() == ("3", "2")
+    assert gpu.check_gpus() == ("3", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(EngineError, match="CUDA_VISIBLE_DEVICES hides them"):
-        gb.check_gpus()
+        gpu.check_gpus()
 
 
 def test_versions_missing(versions):
     versions(lmcache="0.5.3")
     with pytest.raises(EngineError, match=r"vllm is not installed.*pip install -e '\.\[gpu\]'"):
-        gb.check_versions()
+        gpu.check_versions()
 
 
 def test_versions_wrong(versions, monkeypatch):
     versions(vllm="0.26.0", lmcache="0.5.6")
     with pytest.raises(EngineError, match=r"lmcache 0\.5\.6 is installed.*'vllm==0\.26\.0' 'lmcache==0\.5\.3'"
                                           r".*KVBLEND_SKIP_VERSION_CHECK=1"):
-        gb.check_versions()
-    monkeypatch.setenv(gb.SKIP_VERSION_ENV, "1")
-    gb.check_versions()
+        gpu.check_versions()
+    monkeypatch.setenv(gpu.SKIP_VERSION_ENV, "1")
+    gpu.check_versions()
 
 
 def test_versions_tested_pair(versions):
     versions(vllm="0.26.0", lmcache="0.5.3")
-    gb.check_versions()
+    gpu.check_versions()
 
 
 def test_architectures():
-    assert gb.served_architecture({"architectures": ["LlamaForCausalLM"]}, "m") is None
-    assert gb.served_architecture({"architectures": ["Qwen3ForCausalLM"]}, "m") is None
-    assert gb.served_architecture(MISTRAL, "m") == "LlamaForCausalLM"
-    assert gb.served_architecture(None, "not-downloaded") is None
+    assert gpu.served_architecture({"architectures": ["LlamaForCausalLM"]}, "m") is None
+    assert gpu.served_architecture({"architectures": ["Qwen3ForCausalLM"]}, "m") is None
+    assert gpu.served_architecture(MISTRAL, "m") == "LlamaForCausalLM"
+    assert gpu.served_architecture(None, "not-downloaded") is None
     with pytest.raises(EngineError, match=r"google/gemma-2-9b is a Gemma2ForCausalLM model.*Llama-family"):
-        gb.served_architecture({"architectures": ["Gemma2ForCausalLM"]}, "google/gemma-2-9b")
+        gpu.served_architecture({"architectures": ["Gemma2ForCausalLM"]}, "google/gemma-2-9b")
 
 
 def test_unsupported_model_stops_before_any_file(ready):
     gemma = model_dir(ready, {"architectures": ["Gemma2ForCausalLM"]})
     with pytest.raises(EngineError, match="Gemma2ForCausalLM"):
-        gb.vllm_engines(gemma, 8000, 8001)
-    assert not (eng.RUN_DIR / "lmcache-blend.yaml").exists()
+        gpu.engines(gemma, 8000, 8001)
+    assert not (runtime.RUN_DIR / "lmcache-blend.yaml").exists()
 
 
 def test_checks_run_through_engines_for(gpus, versions):
@@ -134,7 +135,7 @@ def flag(cmd, name):
 
 def test_engines_two_gpus(ready):
     model = model_dir(ready, MISTRAL)
-    blend, full = gb.vllm_engines(model, 8000, 8001, load_format="dummy")
+    blend, full = gpu.engines(model, 8000, 8001, load_format="dummy")
     assert (blend.name, blend.port, blend.backend, blend.model) == ("blend", 8000, "vllm", model)
     assert (full.name, full.port, full.backend, full.model) == ("full", 8001, "vllm", model)
     for e in (blend, full):
@@ -146,21 +147,21 @@ def test_engines_two_gpus(ready):
         assert flag(e.cmd, "--max-model-len") == flag(e.cmd, "--max-num-batched-tokens") == "32768"
         assert flag(e.cmd, "--tokenizer-mode") == "hf"
         assert json.loads(flag(e.cmd, "--hf-overrides")) == {"architectures": ["LlamaForCausalLM"]}
-        assert e.env["PYTHONPATH"].split(os.pathsep)[0] == str(eng.ROOT)
+        assert e.env["PYTHONPATH"].split(os.pathsep)[0] == str(runtime.ROOT)
         assert e.env["VLLM_NO_USAGE_STATS"] == "1"
     assert json.loads(flag(blend.cmd, "--kv-transfer-config")) == {"kv_connector": "LMCacheConnectorV1",
                                                                     "kv_role": "kv_both"}
     assert "--kv-transfer-config" not in full.cmd
     assert (blend.env["CUDA_VISIBLE_DEVICES"], full.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
-    assert vllm_plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
-    assert not vllm_plugin.blending_enabled(full.env)
+    assert plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
+    assert not plugin.blending_enabled(full.env)
 
 
 def test_engines_share_one_gpu(ready, gpus, monkeypatch):
     gpus(1)
-    monkeypatch.setenv(gb.SHARE_ENV, "1")
+    monkeypatch.setenv(gpu.SHARE_ENV, "1")
     model = model_dir(ready, {"architectures": ["LlamaForCausalLM"]})
-    blend, full = gb.vllm_engines(model, 8000, 8001)
+    blend, full = gpu.engines(model, 8000, 8001)
     assert blend.env["CUDA_VISIBLE_DEVICES"] == full.env["CUDA_VISIBLE_DEVICES"] == "0"
     assert flag(blend.cmd, "--gpu-memory-utilization") == flag(full.cmd, "--gpu-memory-utilization") == "0.4"
     assert "--hf-overrides" not in blend.cmd and "--load-format" not in blend.cmd
@@ -168,45 +169,45 @@ def test_engines_share_one_gpu(ready, gpus, monkeypatch):
 
 def test_engine_options(ready):
     model = model_dir(ready, LLAMA_LONG)
-    blend, full = gb.vllm_engines(model, 9000, 9001, host="0.0.0.0", gpu_memory_utilization=0.7,
+    blend, full = gpu.engines(model, 9000, 9001, host="0.0.0.0", gpu_memory_utilization=0.7,
                                   max_model_len=8192, dtype="bfloat16")
     assert flag(blend.cmd, "--host") == "0.0.0.0" and blend.host == "0.0.0.0"
     assert flag(full.cmd, "--gpu-memory-utilization") == "0.7"
     assert flag(full.cmd, "--max-model-len") == "8192" and flag(full.cmd, "--dtype") == "bfloat16"
     # a long-context model is capped at 32K by default; a short one keeps its own length
-    assert flag(gb.vllm_engines(model, 1, 2)[0].cmd, "--max-model-len") == "32768"
+    assert flag(gpu.engines(model, 1, 2)[0].cmd, "--max-model-len") == "32768"
     short = model_dir(ready, {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096}, "s")
-    assert flag(gb.vllm_engines(short, 1, 2)[0].cmd, "--max-model-len") == "4096"
+    assert flag(gpu.engines(short, 1, 2)[0].cmd, "--max-model-len") == "4096"
 
 
 def test_default_model(ready):
-    blend, _ = gb.vllm_engines(None, 8000, 8001)
-    assert blend.model == gb.DEFAULT_MODEL == "mistralai/Mistral-7B-Instruct-v0.2"
+    blend, _ = gpu.engines(None, 8000, 8001)
+    assert blend.model == gpu.DEFAULT_MODEL == "mistralai/Mistral-7B-Instruct-v0.2"
 
 
 def test_lmcache_yaml(ready):
-    blend, _ = gb.vllm_engines(model_dir(ready, MISTRAL), 8000, 8001, ratio=0.2, check_layer=2,
+    blend, _ = gpu.engines(model_dir(ready, MISTRAL), 8000, 8001, ratio=0.2, check_layer=2,
                                cpu_cache_gb=8)
     path = blend.env["LMCACHE_CONFIG_FILE"]
-    assert path == str(eng.RUN_DIR / "lmcache-blend.yaml")
+    assert path == str(runtime.RUN_DIR / "lmcache-blend.yaml")
     assert yaml.safe_load(open(path)) == {
         "chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 8, "use_layerwise": True,
         "enable_blending": True, "blend_special_str": " # # ", "blend_recompute_ratios": [0.2],
         "blend_check_layers": [2]}
     with pytest.raises(EngineError, match="recompute ratio"):
-        gb.lmcache_yaml(ratio=0)
+        gpu.lmcache_yaml(ratio=0)
     with pytest.raises(EngineError, match="check layer"):
-        gb.lmcache_yaml(check_layer=-1)
+        gpu.lmcache_yaml(check_layer=-1)
 
 
 def test_plugin_entry_point_for_a_checkout(ready, monkeypatch):
-    monkeypatch.setattr(gb.metadata, "entry_points", lambda group: [])  # package not pip-installed
-    (folder,) = gb.plugin_path()
+    monkeypatch.setattr(gpu.metadata, "entry_points", lambda group: [])  # package not pip-installed
+    (folder,) = gpu.plugin_path()
     eps = [ep for d in metadata.distributions(path=[folder]) for ep in d.entry_points
            if ep.group == "vllm.general_plugins"]
-    assert [(ep.name, ep.value) for ep in eps] == [("kvblend_lmcache", "helpers.vllm_plugin:register")]
-    assert eps[0].load() is vllm_plugin.register
-    blend, _ = gb.vllm_engines(model_dir(ready, MISTRAL), 8000, 8001)
+    assert [(ep.name, ep.value) for ep in eps] == [("kvblend_lmcache", "helpers.gpu.plugin:register")]
+    assert eps[0].load() is plugin.register
+    blend, _ = gpu.engines(model_dir(ready, MISTRAL), 8000, 8001)
     assert folder in blend.env["PYTHONPATH"].split(os.pathsep)
 
 
@@ -214,16 +215,16 @@ def test_plugin_entry_point_when_installed(ready, monkeypatch):
     class EP:
         name = "kvblend_lmcache"
 
-    monkeypatch.setattr(gb.metadata, "entry_points", lambda group: [EP()])
-    assert gb.plugin_path() == []
+    monkeypatch.setattr(gpu.metadata, "entry_points", lambda group: [EP()])
+    assert gpu.plugin_path() == []
 
 
 def test_pyproject_declares_the_plugin():
     import tomllib
 
-    data = tomllib.loads((eng.ROOT / "pyproject.toml").read_text())
+    data = tomllib.loads((runtime.ROOT / "pyproject.toml").read_text())
     eps = data["project"]["entry-points"]["vllm.general_plugins"]
-    assert eps == {gb.PLUGIN: "helpers.vllm_plugin:register"}
+    assert eps == {gpu.PLUGIN: "helpers.gpu.plugin:register"}
 
 
 # ------------------------------------------------------------------ prompt ids
@@ -256,28 +257,10 @@ def lmcache_segments(ids, tokenizer):
 
 
 @pytest.mark.parametrize("bos", [True, False])
-def test_prompt_ids_split_into_the_pieces(bos):
+def test_separator_ids_are_lmcaches(bos):
+    """LMCache's SegmentTokenDatabase searches for encode(SEP)[1:] (it assumes a BOS to drop)."""
     tok = CharTokenizer(bos)
-    chunks, question = ["first chunk.", "second, longer chunk"], "What?"
-    ids = gb.build_prompt_ids(tok, "SYS", chunks, question)
-    sep = gb.separator_ids(tok)
-    assert sep == tok.encode(" # # ")[1:]
-    enc = [tok.encode(t, add_special_tokens=False) for t in chunks + [question]]
-    assert ids == tok.encode("SYS") + sep + enc[0] + sep + enc[1] + sep + enc[2]
-    assert lmcache_segments(ids, tok) == [tok.encode("SYS"), *enc]
-
-
-def test_prompt_ids_without_separators_and_precompute_shape():
-    tok = CharTokenizer()
-    plain = gb.build_prompt_ids(tok, "SYS", ["ab", "cd"], "q?", separators=False)
-    assert plain == tok.encode("SYS") + tok.encode("abcdq?", add_special_tokens=False)
-    # what precompute sends: sys + SEP + chunk, so the chunk is stored as one segment
-    pre = gb.build_prompt_ids(tok, "SYS", ["ab"], None)
-    assert lmcache_segments(pre, tok) == [tok.encode("SYS"), tok.encode("ab", add_special_tokens=False)]
-    # a chunk has the same ids wherever it stands, so its stored KV is found in any order
-    a = lmcache_segments(gb.build_prompt_ids(tok, "SYS", ["ab", "cd"], "q"), tok)
-    b = lmcache_segments(gb.build_prompt_ids(tok, "SYS", ["cd", "ab"], "q"), tok)
-    assert a[1] == b[2] and a[2] == b[1]
+    assert prompts.separator_ids(tok) == tok.encode(" # # ")[1:]
 
 
 def test_precompute_posts_ids(monkeypatch):
@@ -293,10 +276,10 @@ def test_precompute_posts_ids(monkeypatch):
     transport = httpx.MockTransport(handler)
     real_client = httpx.Client
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
-    monkeypatch.setattr(gb, "tokenizer_for", lambda model: CharTokenizer())
-    e = eng.Engine("blend", 8000, "vllm", model="m")
-    res = gb.precompute(e, ["ab", "cde"], progress=False, system="S")
-    assert [s["prompt"] for s in sent] == [gb.chat_prompt_ids(CharTokenizer(), [t], None, "S")
+    monkeypatch.setattr(gpu, "tokenizer_for", lambda model: CharTokenizer())
+    e = runtime.Engine("blend", 8000, "vllm", model="m")
+    res = gpu.precompute(e, ["ab", "cde"], progress=False, system="S")
+    assert [s["prompt"] for s in sent] == [prompts.chat_prompt_ids(CharTokenizer(), [t], None, "S")
                                            for t in ("ab", "cde")]
     assert all(s["max_tokens"] == 1 and s["model"] == "m" for s in sent)
     assert res["tokens"] == sum(len(s["prompt"]) for s in sent) and res["computed"] == 2
@@ -304,16 +287,16 @@ def test_precompute_posts_ids(monkeypatch):
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(
         transport=httpx.MockTransport(lambda r: httpx.Response(400, text="too long")), **kw))
     with pytest.raises(EngineError, match="refused a precompute request.*too long"):
-        gb.precompute(e, ["ab"], progress=False)
+        gpu.precompute(e, ["ab"], progress=False)
 
 
 def test_module_imports_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, helpers.gpu_backend, helpers.vllm_plugin; "
+    code = ("import sys, helpers.gpu.launch, helpers.gpu.plugin; "
             "print(sorted(m for m in ('torch', 'vllm', 'lmcache', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=eng.ROOT,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=runtime.ROOT,
                          check=True).stdout
     assert out.strip() == "[]"
 
@@ -322,10 +305,24 @@ def test_chat_prompt_ids_same_conversation_as_embedded_and_segments_found_by_lmc
     """Both GPU engines get the chat-templated prompt (issue 9): the template's prefix, each chunk,
     then the question with the generation header, joined by the ids LMCache splits on."""
     tok = CharTokenizer(bos=False)
-    ids = gb.chat_prompt_ids(tok, ["chunk A", "chunk B"], "Q?", "S")
+    ids = prompts.chat_prompt_ids(tok, ["chunk A", "chunk B"], "Q?", "S")
     segments = lmcache_segments(ids, tok)
     assert ["".join(map(chr, s)) for s in segments] == ["<system>S</><user>", "chunk A", "chunk B",
                                                         "Q?</><assistant>"]
     # precompute (question None) gives the same prefix and chunk segments
-    pre = lmcache_segments(gb.chat_prompt_ids(tok, ["chunk A"], None, "S"), tok)
+    pre = lmcache_segments(prompts.chat_prompt_ids(tok, ["chunk A"], None, "S"), tok)
     assert pre == segments[:2]
+    # a chunk has the same ids wherever it stands, so its stored KV is found in any order
+    a = lmcache_segments(prompts.chat_prompt_ids(tok, ["ab", "cd"], "q", "S"), tok)
+    b = lmcache_segments(prompts.chat_prompt_ids(tok, ["cd", "ab"], "q", "S"), tok)
+    assert a[1] == b[2] and a[2] == b[1]
+
+
+def test_both_gpu_engines_get_identical_ids(monkeypatch):
+    """The side-by-side differs in blending only: blend and full engines receive the same ids."""
+    monkeypatch.setattr(gpu, "tokenizer_for", lambda model: CharTokenizer(bos=False))
+    bodies = [gpu.request(runtime.Engine(name, port, "vllm", model="m"), "m", ["ab", "cd"], "q?")
+              for name, port in (("blend", 8000), ("full", 8001))]
+    assert bodies[0] == bodies[1] and bodies[0][0] == "completions"
+    assert bodies[0][1]["extra_body"]["prompt"] == prompts.chat_prompt_ids(CharTokenizer(bos=False),
+                                                                           ["ab", "cd"], "q?")

@@ -1,6 +1,6 @@
 """Every notebook, run top to bottom by papermill on the embedded backend at small sizes (as a
-headless user would, `INTERACTIVE = False`), checked through the results JSON it writes and the
-Plotly figures left in its outputs. Plus: notebooks are committed without outputs.
+headless user would, `INTERACTIVE = False`), checked through the results JSON its `results` cell
+shows and the Plotly figures left in its outputs. Plus: notebooks are committed without outputs.
 
 The engines run on free ports with their pid files in a temporary folder, so engines someone else
 runs on :8000/:8001 are left alone. Notebook 01 starts them (the path a user without `make lab`
@@ -8,7 +8,7 @@ takes), 03 connects to them, and they are stopped at the end. Executed notebooks
 tests/artifacts/ for a look after a failure.
 """
 
-import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,11 +18,13 @@ import nbformat
 import pytest
 
 from helpers import engines as eng
+from helpers import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
 PLOTLY = "application/vnd.plotly.v1+json"
+JSON = "application/json"
 
 
 def free_ports(n: int) -> list[int]:
@@ -36,12 +38,21 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kernels_import_this_checkout():
+    """The kernels import `helpers` from this checkout, even where another one is pip-installed."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def engine_ports(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("engines")
     mp = pytest.MonkeyPatch()
     mp.setenv("KVBLEND_RUN_DIR", str(run_dir))  # read by the kernels and the engines they start
-    mp.setattr(eng, "RUN_DIR", run_dir)  # so that this process stops them
+    mp.setattr(runtime, "RUN_DIR", run_dir)  # so that this process stops them
     blend, full = free_ports(2)
     yield {"BACKEND": "embedded", "BLEND_PORT": blend, "FULL_PORT": full}
     eng.stop()
@@ -49,7 +60,8 @@ def engine_ports(tmp_path_factory):
 
 
 def execute(name: str, **params) -> tuple[dict, nbformat.NotebookNode]:
-    """Run notebooks/<name> with `params`; return its results JSON and the executed notebook."""
+    """Run notebooks/<name> with `params`; return its results (the JSON output of its cell tagged
+    `results`) and the executed notebook."""
     import papermill as pm
     from jupyter_client.kernelspec import KernelSpecManager
 
@@ -57,13 +69,19 @@ def execute(name: str, **params) -> tuple[dict, nbformat.NotebookNode]:
         pytest.fail(f"No 'python3' Jupyter kernel: run `{sys.executable} -m ipykernel install --sys-prefix "
                     "--name python3` (`make setup` does).")
     ARTIFACTS.mkdir(exist_ok=True)
-    results = ARTIFACTS / name.replace(".ipynb", ".json")
-    results.unlink(missing_ok=True)
     nb = pm.execute_notebook(
         ROOT / "notebooks" / name, ARTIFACTS / name, kernel_name="python3", cwd=str(ROOT / "notebooks"),
-        parameters={**params, "INTERACTIVE": False, "RESULTS_JSON": str(results)},
-        progress_bar=False, execution_timeout=300)
-    return json.loads(results.read_text()), nb
+        parameters={**params, "INTERACTIVE": False}, progress_bar=False, execution_timeout=300)
+    return results(nb), nb
+
+
+def results(nb) -> dict:
+    """The JSON output of the executed notebook's cell tagged `results` (`tutorial.report`)."""
+    cells = [c for c in nb.cells if "results" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, "the notebook needs exactly one cell tagged 'results'"
+    found = [out.data[JSON] for out in cells[0].get("outputs", []) if JSON in out.get("data", {})]
+    assert found, f"the 'results' cell shows no {JSON} output: {cells[0].get('outputs')}"
+    return found[-1]
 
 
 def outputs(nb, kind: str) -> list:
@@ -146,10 +164,12 @@ def test_strip_check_catches_outputs(tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebooks_are_thin(path):
-    """A `parameters` cell with an INTERACTIVE flag; no functions or classes defined in cells."""
+    """A `parameters` cell with an INTERACTIVE flag, a last cell tagged `results` that reports them;
+    no functions or classes defined in cells."""
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and "INTERACTIVE" in params[0].source and "RESULTS_JSON" in params[0].source
+    assert len(params) == 1 and "INTERACTIVE" in params[0].source
+    assert "results" in nb.cells[-1].metadata.get("tags", []) and "tutorial.report(" in nb.cells[-1].source
     for c in nb.cells:
         if c.cell_type == "code":
             assert not any(line.startswith(("def ", "class ")) for line in c.source.splitlines()), c.source

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from helpers import client as kvclient
-from helpers import corpus, engines
+from helpers import corpus, engines, runtime
+from helpers.embedded import launch as embedded
 from helpers.prompts import build_messages
 
 from .conftest import free_port
@@ -185,15 +186,15 @@ def test_busy_port_names_the_holder(run_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()
-        e = engines.embedded_engines(None, port, free_port())[0]
+        e = embedded.engines(None, port, free_port())[0]
         e.name = "busy-test"
-        with pytest.raises(engines.EngineError, match=f"Port {port} is busy: pid {os.getpid()}"):
+        with pytest.raises(runtime.EngineError, match=f"Port {port} is busy: pid {os.getpid()}"):
             engines.launch(e)
 
 
 def test_killed_engine_mid_stream_errors_and_stop_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(engines, "RUN_DIR", tmp_path)
-    e = engines.embedded_engines(None, free_port(), free_port())[1]  # one `full` engine
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)
+    e = embedded.engines(None, free_port(), free_port())[1]  # one `full` engine
     engines.launch(e)
     engines.wait_healthy([e], timeout=240, progress=False)
     result = {}
@@ -212,14 +213,14 @@ def test_killed_engine_mid_stream_errors_and_stop_leaves_nothing(tmp_path, monke
     assert result["answer"].error, result["answer"]
     assert engines.status()["full"]["running"] is False
     engines.stop()
-    assert not engines.alive(e.pid) and not e.pidfile.exists()
-    assert not engines.port_in_use(e.port)
+    assert not runtime.alive(e.pid) and not e.pidfile.exists()
+    assert not runtime.port_in_use(e.port)
 
 
 def test_start_reports_an_engine_that_dies(tmp_path, monkeypatch):
-    monkeypatch.setattr(engines, "RUN_DIR", tmp_path)
-    e = engines.embedded_engines("/nonexistent/model", free_port(), free_port())[0]
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)
+    e = embedded.engines("/nonexistent/model", free_port(), free_port())[0]
     engines.launch(e)
-    with pytest.raises(engines.EngineError, match="exited during start-up(.|\n)*no config.json"):
+    with pytest.raises(runtime.EngineError, match="exited during start-up(.|\n)*no config.json"):
         engines.wait_healthy([e], timeout=120, progress=False)
     engines.stop()

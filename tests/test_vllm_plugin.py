@@ -1,4 +1,4 @@
-"""helpers/vllm_plugin.py on CPU: the 4-D KV gather/scatter against a reference written in LMCache's
+"""helpers/gpu/plugin.py on CPU: the 4-D KV gather/scatter against a reference written in LMCache's
 5-D semantics (both directions, both layouts, both buffer orders, padding slots, strided caches),
 the stand-in for lmcache.c_ops, when the plugin activates, and what register() patches (with fake
 vLLM/LMCache modules: neither is installed here)."""
@@ -11,7 +11,7 @@ from enum import IntEnum
 import pytest
 import torch
 
-from helpers import vllm_plugin as vp
+from helpers.gpu import plugin as vp
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 NB, BS, NH, HS = 6, 16, 4, 8  # blocks, block size, KV heads, head size

@@ -9,9 +9,9 @@ import plotly.graph_objects as go
 import pytest
 import traitlets
 
-from helpers import client, corpus, plots, tutorial, widgets
+from helpers import client, corpus, plots, runtime, tutorial, widgets
 from helpers import engines as eng
-from helpers.walkthrough import f1
+from helpers.metrics import f1
 
 TOKENS = {m["name"]: m["tokens"] for m in corpus.load_manifest()}
 
@@ -46,14 +46,15 @@ def test_picker_rejects_unknown_chunks_with_a_hint():
 
 def test_dom_names_for_browser_tests():
     """The browser test finds elements by these names: renaming one must be deliberate."""
+    picker_js, panes_js = widgets.PICKER_JS.read_text(), widgets.PANES_JS.read_text()
     for testid in ("chunk-picker", "selected-chunks", "selected-chunk", "chunk-library", "library-chunk",
                    "chunk-checkbox", "token-count", "move-up", "move-down", "remove"):
-        assert f'"{testid}"' in widgets.PICKER_JS, testid
-    assert "dragstart" in widgets.PICKER_JS and "drop" in widgets.PICKER_JS
+        assert f'"{testid}"' in picker_js, testid
+    assert "dragstart" in picker_js and "drop" in picker_js
     for testid in ("pane-${name}", "ttft-${name}", "tps-${name}", "text-${name}", "error-${name}",
                    "state-${name}", "summary"):
-        assert testid in widgets.PANES_JS, testid
-    assert "http" not in widgets.PICKER_JS + widgets.PANES_JS  # no CDN
+        assert testid in panes_js, testid
+    assert "http" not in picker_js + panes_js  # no CDN
 
 
 # ------------------------------------------------------------------ stream panes
@@ -140,7 +141,7 @@ def engines_on_free_ports():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
-    return eng.Engine("blend", ports[0], "embedded"), eng.Engine("full", ports[1], "embedded")
+    return runtime.Engine("blend", ports[0], "embedded"), runtime.Engine("full", ports[1], "embedded")
 
 
 def test_app_ask_records_history_and_grows_chart(monkeypatch):
@@ -193,7 +194,7 @@ def test_app_needs_a_question_and_chunks():
 
 def test_connect_without_engines_explains():
     blend, full = engines_on_free_ports()
-    with pytest.raises(eng.EngineError, match="launch_engines.sh"):
+    with pytest.raises(runtime.EngineError, match="launch_engines.sh"):
         tutorial.connect("embedded", blend.port, full.port, start=False)
 
 

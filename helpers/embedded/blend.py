@@ -36,14 +36,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
+from ..settings import BLEND, BlendSettings
 from .kvstore import ChunkKVStore, chunk_key
-
-
-@dataclass
-class BlendConfig:
-    ratio: float = 0.15  # share of cached tokens recomputed beyond the check layer
-    check_layer: int = 1  # layers below it are recomputed for all tokens; selection happens here
-    deviation: str = "v"  # "v": ||V_new - V_cached||^2 (CacheBlend's code); "k": as LMCache's blender
 
 
 @dataclass
@@ -57,7 +51,10 @@ class Prefill:
     info: dict = field(default_factory=dict)
 
 
-class BlendEngine:
+class ModelRunner:
+    """Runs one model both ways: a full prefill (the baseline) and a blended prefill from cached
+    chunk KV, then decoding. No server, no sampling: `generate.Generator` and the notebooks drive it."""
+
     def __init__(self, model, tokenizer, store: ChunkKVStore | None = None, model_id: str = "model"):
         self.model, self.tok, self.model_id = model, tokenizer, model_id
         self.store = store if store is not None else ChunkKVStore()
@@ -209,10 +206,10 @@ class BlendEngine:
 
     # ---------------------------------------------------------------- step 4: blended prefill
     @torch.inference_mode()
-    def blend_prefill(self, segments: list[list[int]], cfg: BlendConfig | None = None, room: int = 0,
+    def blend_prefill(self, segments: list[list[int]], cfg: BlendSettings | None = None, room: int = 0,
                       explain: bool = False) -> Prefill:
         """Prefill `segments` (token ids; the last one is the question) reusing cached chunk KV."""
-        cfg = cfg or BlendConfig()
+        cfg = cfg or BLEND
         times: dict[str, float] = {}
         clock = [time.perf_counter()]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..prompts import split_segments
-from .blend import BlendConfig, BlendEngine
+from ..settings import BLEND, BlendSettings
+from .blend import ModelRunner
 from .kvstore import ChunkKVStore
 from .model import load_model
 
@@ -42,15 +43,15 @@ class Step:
 class Generator:
     """One model, one mode. Not thread-safe by design: the server runs one request at a time."""
 
-    def __init__(self, model: str | None = None, mode: str = "blend", blend: BlendConfig | None = None,
+    def __init__(self, model: str | None = None, mode: str = "blend", blend: BlendSettings = BLEND,
                  store_bytes: int = 2 << 30, store_dir: str | Path | None = None):
         if mode not in ("blend", "full"):
             raise ValueError(f"mode must be 'blend' or 'full', not {mode!r}")
         mdl, tok, path = load_model(model)
         self.model_name = "smollm2" if model in (None, "smollm2") else Path(model).name
-        self.mode, self.tok, self.blend_cfg = mode, tok, blend or BlendConfig()
-        self.engine = BlendEngine(mdl, tok, ChunkKVStore(store_bytes, store_dir), model_id=str(path))
-        self.context_length = self.engine.max_len
+        self.mode, self.tok, self.blend = mode, tok, blend
+        self.runner = ModelRunner(mdl, tok, ChunkKVStore(store_bytes, store_dir), model_id=str(path))
+        self.context_length = self.runner.max_len
         self.stop_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
                          if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
 
@@ -61,28 +62,28 @@ class Generator:
     def segments(self, text: str, chat: bool) -> list[list[int]]:
         """Token ids per segment; a plain completion prompt gets the tokenizer's BOS, a chat template
         wrote its own."""
-        return self.engine.tokenize(split_segments(text), add_bos=not chat)
+        return self.runner.tokenize(split_segments(text), add_bos=not chat)
 
-    def precompute(self, text: str) -> dict:
+    def cache_chunk(self, text: str) -> dict:
         """Compute (or find) the KV of one chunk, tokenized as it is inside a prompt."""
         t0 = time.perf_counter()
-        ids = self.engine.tokenize([text])[0] if text else []
+        ids = self.runner.tokenize([text])[0] if text else []
         hit = True
         if ids:
-            _, hit = self.engine.chunk_kv(ids)
+            _, hit = self.runner.chunk_kv(ids)
         return {"tokens": len(ids), "cached": hit, "ms": (time.perf_counter() - t0) * 1e3}
 
     # ------------------------------------------------------------- generation
     def prefill(self, segments: list[list[int]], room: int, explain: bool = False):
         if self.mode == "blend":
-            return self.engine.blend_prefill(segments, self.blend_cfg, room=room, explain=explain)
-        return self.engine.full_prefill([t for s in segments for t in s], room=room)
+            return self.runner.blend_prefill(segments, self.blend, room=room, explain=explain)
+        return self.runner.full_prefill([t for s in segments for t in s], room=room)
 
     def run(self, req: Request):
         """Yield Steps: the first comes right after the prefill (that is the TTFT), the last has a
         finish_reason. Stops early, without a final step, when req.cancelled is set."""
         n_prompt = sum(len(s) for s in req.segments)
-        self.engine.check_length(n_prompt + req.max_tokens)
+        self.runner.check_length(n_prompt + req.max_tokens)
         gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         state = self.prefill(req.segments, room=req.max_tokens)
         req.info = state.info
@@ -92,7 +93,7 @@ class Generator:
         for i in range(req.max_tokens):
             if req.cancelled.is_set():
                 return
-            logits = state.logits if i == 0 else self.engine.decode_step(state, ids[-1])
+            logits = state.logits if i == 0 else self.runner.decode_step(state, ids[-1])
             token, lp, top = self.sample(logits, req, gen)
             if token in self.stop_ids:
                 yield Step(self.tok.decode(ids, skip_special_tokens=True)[len(sent):], finish_reason="stop")

@@ -16,19 +16,26 @@ import json
 import threading
 import time
 import uuid
+from typing import Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from .blend import BlendConfig, ContextTooLong
+from ..settings import BLEND, BlendSettings
+from .blend import ContextTooLong
 from .generate import Generator
 from .generate import Request as GenRequest
 
 MAX_LOGPROBS = 20
-ROLES = {"system", "user", "assistant"}
 
 
 class BadRequest(Exception):
+    """A request that validated but cannot be served (unknown model, too long): an OpenAI-style error."""
+
     def __init__(self, message: str, param: str | None = None, status: int = 400,
                  code: str = "invalid_value", type_: str = "invalid_request_error"):
         super().__init__(message)
@@ -40,108 +47,132 @@ def error_response(e: BadRequest) -> JSONResponse:
     return JSONResponse(body, status_code=e.status)
 
 
-# ------------------------------------------------------------------ request validation
-def _get(body: dict, name: str, types, default=None, check=None, hint: str = ""):
-    """body[name] if present: of `types` (a JSON true is no number here) and passing `check`."""
-    value = body.get(name)
-    if value is None:
-        return default
-    types = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise BadRequest(f"'{name}' must be {hint or ' or '.join(t.__name__ for t in types)}, got "
-                         f"{value!r}", name, code="invalid_type")
-    if check and not check(value):
-        raise BadRequest(f"'{name}' is out of range: {hint}, got {value!r}", name)
-    return value
+# ------------------------------------------------------------------ request models
+# Strict: "5" is no integer and true is no number, as in OpenAI's API. A validator that knows better
+# than pydantic's message raises PydanticCustomError with the OpenAI error code as its type.
+CODES = ("invalid_value", "invalid_type", "invalid_json")
 
 
-def parse_common(body: dict, gen: Generator, chat: bool) -> tuple[GenRequest, dict]:
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required (a string); GET /v1/models lists it.", "model",
-                         code="missing_required_parameter")
-    if model != gen.model_name:
-        raise BadRequest(f"The model '{model}' does not exist here; this engine serves "
-                         f"'{gen.model_name}'.", "model", status=404, code="model_not_found")
-    ctx = gen.context_length
-    max_tokens = _get(body, "max_completion_tokens", int, None) if chat else None
-    max_tokens = _get(body, "max_tokens", int, max_tokens or (256 if chat else 16),
-                      lambda v: 1 <= v <= ctx, f"an integer from 1 to {ctx}")
-    temperature = float(_get(body, "temperature", (int, float), 1.0,
-                             lambda v: 0 <= v <= 2, "a number from 0 to 2"))
-    top_p = float(_get(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"))
-    seed = _get(body, "seed", int, None)
-    _get(body, "n", int, 1, lambda v: v == 1, "only n = 1 is supported")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings.", "stop")
-    stream = _get(body, "stream", bool, False, hint="a boolean")
-    opts = _get(body, "stream_options", dict, {}, hint="an object")
-    if chat:
-        want = _get(body, "logprobs", bool, False, hint="a boolean")
-        top = _get(body, "top_logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS, "0 to 20")
-        logprobs = (top or 1) if want else None
-        if top and not want:
-            raise BadRequest("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-    else:
-        logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS,
-                        "an integer from 0 to 20")
-    req = GenRequest(segments=[], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                     seed=seed, stop=stop, logprobs=logprobs)
-    return req, {"stream": stream, "include_usage": bool(opts.get("include_usage")),
-                 "want_logprobs": logprobs is not None}
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True)
 
 
-def prompt_text(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if prompt is None:
-        raise BadRequest("'prompt' is required.", "prompt", code="missing_required_parameter")
-    if not isinstance(prompt, str):
-        raise BadRequest("'prompt' must be a string (one prompt per request; token ids are not "
-                         "accepted by the embedded engine).", "prompt", code="invalid_type")
-    if not prompt.strip():
-        raise BadRequest("'prompt' is empty.", "prompt")
-    return prompt
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
-def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if messages is None:
-        raise BadRequest("'messages' is required.", "messages", code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list.", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object.", f"messages[{i}]", code="invalid_type")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not one of {sorted(ROLES)}.",
-                             f"messages[{i}].role")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"messages[{i}].content parts must be text parts.",
-                                 f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string.", f"messages[{i}].content",
-                             code="invalid_type")
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise BadRequest("All messages are empty.", "messages")
-    return out
+class Common(Strict):
+    """What completions and chat completions share."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)  # the upper bound is the model's context: checked later
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
+    stop: list[str] = []
+    stream: bool = False
+    stream_options: StreamOptions = StreamOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """`"temperature": null` means the default, as for OpenAI."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and s for s in v):
+            return v
+        raise PydanticCustomError("invalid_value",
+                                  "'stop' must be a string or a list of up to 4 non-empty strings.")
+
+
+class CompletionRequest(Common):
+    prompt: str
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+            v = v[0]
+        if not isinstance(v, str):
+            raise PydanticCustomError("invalid_type", "'prompt' must be a string (one prompt per request; "
+                                      "token ids are not accepted by the embedded engine).")
+        if not v.strip():
+            raise PydanticCustomError("invalid_value", "'prompt' is empty.")
+        return v
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """[{"type": "text", "text": ...}, ...] is one text."""
+        if not isinstance(v, list):
+            return v
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in v):
+            raise PydanticCustomError("invalid_value", "content parts must be text parts.")
+        return "".join(p["text"] for p in v)
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("messages")
+    @classmethod
+    def _not_all_empty(cls, v):
+        if not any(m.content.strip() for m in v):
+            raise PydanticCustomError("invalid_value", "All messages are empty.")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise PydanticCustomError("invalid_value", "'top_logprobs' needs 'logprobs': true.")
+        return v
+
+
+class PrecomputeRequest(Strict):
+    texts: list[str]  # chunk texts
+
+
+def validation_error(exc: RequestValidationError) -> BadRequest:
+    """The first problem pydantic found, as OpenAI reports it: a code, the parameter, a message."""
+    err = exc.errors()[0]
+    kind, loc = err["type"], [p for p in err["loc"][1:]]  # loc[0] is "body"
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if kind == "json_invalid":
+        return BadRequest(f"The request body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
+                          code="invalid_json")
+    if param is None and kind.endswith("_type"):
+        return BadRequest("The request body must be a JSON object.", code="invalid_json")
+    if kind == "missing":
+        return BadRequest(f"'{param}' is required.", param, code="missing_required_parameter")
+    if kind in CODES:
+        return BadRequest(err["msg"], param, code=kind)
+    code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+    return BadRequest(f"'{param}': {err['msg']}, got {err.get('input')!r}", param, code=code)
 
 
 # ------------------------------------------------------------------ the app
+def sse(data) -> bytes:
+    """One server-sent event: `data` as JSON (or a bare string such as OpenAI's "[DONE]")."""
+    return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
+
+
 def create_app(gen: Generator) -> FastAPI:
     app = FastAPI(title=f"kvblend embedded engine ({gen.mode})")
     model_lock = threading.Lock()
@@ -170,9 +201,13 @@ def create_app(gen: Generator) -> FastAPI:
     async def _bad(_, e: BadRequest):
         return error_response(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        return error_response(validation_error(e))
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "mode": gen.mode, "model": gen.model_name, **state}
+        return {"status": "ok", "backend": "embedded", "mode": gen.mode, "model": gen.model_name, **state}
 
     @app.get("/v1/models")
     async def models():
@@ -181,36 +216,38 @@ def create_app(gen: Generator) -> FastAPI:
 
     @app.get("/v1/kv/stats")
     async def kv_stats():
-        return {"mode": gen.mode, **gen.engine.store.stats()}
+        return {"mode": gen.mode, **gen.runner.store.stats()}
 
     @app.post("/v1/kv/clear")
     async def kv_clear():
-        gen.engine.store.clear()
+        gen.runner.store.clear()
         return {"cleared": True}
 
     @app.post("/v1/kv/precompute")
-    async def kv_precompute(request: Request):
-        body = await read_json(request)
-        texts = body.get("texts") if isinstance(body, dict) else None
-        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            raise BadRequest("'texts' must be a list of strings (chunk texts).", "texts")
-
+    async def kv_precompute(body: PrecomputeRequest):
         def work():
             with model_lock:
-                return [gen.precompute(t) for t in texts]
-        return {"results": await asyncio.to_thread(work), **gen.engine.store.stats()}
+                return [gen.cache_chunk(t) for t in body.texts]
+        return {"results": await asyncio.to_thread(work), **gen.runner.store.stats()}
 
-    async def read_json(request: Request):
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
-
-    async def complete(request: Request, chat: bool):
-        body = await read_json(request)
-        req, opts = parse_common(body, gen, chat)
-        text = gen.chat_text(chat_messages(body)) if chat else prompt_text(body)
-        req.segments = gen.segments(text, chat)
+    def gen_request(body: CompletionRequest | ChatRequest, chat: bool) -> GenRequest:
+        """Checks that need the model, then the generator's request (its segments: token ids)."""
+        if body.model != gen.model_name:
+            raise BadRequest(f"The model '{body.model}' does not exist here; this engine serves "
+                             f"'{gen.model_name}'.", "model", status=404, code="model_not_found")
+        ctx = gen.context_length
+        max_tokens = body.max_tokens or (body.max_completion_tokens or 256 if chat else 16)
+        if max_tokens > ctx:
+            raise BadRequest(f"'max_tokens' is out of range: an integer from 1 to {ctx}, got {max_tokens}",
+                             "max_tokens")
+        if chat:
+            text = gen.chat_text([m.model_dump() for m in body.messages])
+            logprobs = (body.top_logprobs or 1) if body.logprobs else None
+        else:
+            text, logprobs = body.prompt, body.logprobs
+        req = GenRequest(segments=gen.segments(text, chat), max_tokens=max_tokens,
+                         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
+                         logprobs=logprobs)
         n_prompt = sum(len(s) for s in req.segments)
         if n_prompt == 0:
             raise BadRequest("The prompt has no tokens.", "prompt")
@@ -218,6 +255,12 @@ def create_app(gen: Generator) -> FastAPI:
             raise BadRequest(str(ContextTooLong(n_prompt + req.max_tokens, gen.context_length))
                              + f" (prompt: {n_prompt} tokens, max_tokens: {req.max_tokens})",
                              "messages" if chat else "prompt", code="context_length_exceeded")
+        return req
+
+    async def complete(body: CompletionRequest | ChatRequest, chat: bool):
+        req = gen_request(body, chat)
+        n_prompt = sum(len(s) for s in req.segments)
+        want_logprobs = req.logprobs is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         run_in_worker(req, loop, queue)
@@ -234,15 +277,15 @@ def create_app(gen: Generator) -> FastAPI:
             if chat:
                 msg = {"role": "assistant", "content": text} if first or not delta else {"content": text}
                 c = {"index": 0, ("delta" if delta else "message"): msg}
-                if opts["want_logprobs"]:
+                if want_logprobs:
                     c["logprobs"] = chat_logprobs(steps)
             else:
                 c = {"index": 0, "text": text,
-                     "logprobs": completion_logprobs(steps) if opts["want_logprobs"] else None}
+                     "logprobs": completion_logprobs(steps) if want_logprobs else None}
             c["finish_reason"] = finish
             return c
 
-        if opts["stream"]:
+        if body.stream:
             async def events():
                 n_out, first = 0, True
                 try:
@@ -251,28 +294,25 @@ def create_app(gen: Generator) -> FastAPI:
                         if step is None:
                             break
                         if isinstance(step, Exception):
-                            err = {"error": {"message": f"The engine failed: {step}",
-                                             "type": "server_error", "code": "engine_error"}}
-                            yield f"data: {json.dumps(err)}\n\n"
+                            yield sse({"error": {"message": f"The engine failed: {step}",
+                                                 "type": "server_error", "code": "engine_error"}})
                             break
                         n_out += step.token is not None
                         if not step.text and not step.finish_reason and not first:
                             continue
-                        chunk = {"id": rid, "object": kind + ("" if not chat else ".chunk"),
-                                 "created": created, "model": gen.model_name,
-                                 "choices": [choice(step.text, step.finish_reason, [step], True, first)]}
+                        yield sse({"id": rid, "object": kind + ("" if not chat else ".chunk"),
+                                   "created": created, "model": gen.model_name,
+                                   "choices": [choice(step.text, step.finish_reason, [step], True, first)]})
                         first = False
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    if opts["include_usage"]:
-                        tail = {"id": rid, "object": kind + ("" if not chat else ".chunk"),
-                                "created": created, "model": gen.model_name, "choices": [],
-                                "usage": usage(n_out), "x_blend": public_info(req)}
-                        yield f"data: {json.dumps(tail)}\n\n"
-                    yield "data: [DONE]\n\n"
+                    if body.stream_options.include_usage:
+                        yield sse({"id": rid, "object": kind + ("" if not chat else ".chunk"),
+                                   "created": created, "model": gen.model_name, "choices": [],
+                                   "usage": usage(n_out), "x_blend": public_info(req)})
+                    yield sse("[DONE]")
                 finally:
                     req.cancelled.set()  # client gone (or done): free the model at the next token
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return EventSourceResponse(events())
 
         steps = []
         try:
@@ -294,12 +334,12 @@ def create_app(gen: Generator) -> FastAPI:
         return {k: v for k, v in req.info.items() if k not in ("deviation", "selected")}
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await complete(request, chat=False)
+    async def completions(body: CompletionRequest):
+        return await complete(body, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await complete(request, chat=True)
+    async def chat_completions(body: ChatRequest):
+        return await complete(body, chat=True)
 
     return app
 
@@ -328,13 +368,13 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="local HF model folder (default: SmolLM2 from its wheel)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio")
-    ap.add_argument("--check-layer", type=int, default=1)
-    ap.add_argument("--deviation", choices=["v", "k"], default="v")
+    ap.add_argument("--ratio", type=float, default=BLEND.ratio, help="recompute ratio")
+    ap.add_argument("--check-layer", type=int, default=BLEND.check_layer)
+    ap.add_argument("--deviation", choices=["v", "k"], default=BLEND.deviation)
     ap.add_argument("--cache-bytes", type=float, default=4e9, help="in-memory chunk KV budget")
     ap.add_argument("--cache-dir", default=None, help="directory that keeps chunk KV across restarts")
     args = ap.parse_args(argv)
-    gen = Generator(args.model, args.mode, BlendConfig(args.ratio, args.check_layer, args.deviation),
+    gen = Generator(args.model, args.mode, BlendSettings(args.ratio, args.check_layer, args.deviation),
                     int(args.cache_bytes), args.cache_dir)
     uvicorn.run(create_app(gen), host=args.host, port=args.port, log_level="info")
 

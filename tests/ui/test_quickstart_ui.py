@@ -29,7 +29,7 @@ def lab(live_engines, lab_factory, tmp_path):
     nb = parameterized_copy(ROOT / "notebooks" / NOTEBOOK, tmp_path / NOTEBOOK, {
         "BACKEND": "embedded", "BLEND_PORT": live_engines["blend"].port,
         "FULL_PORT": live_engines["full"].port, "START_ENGINES": False, "CHUNKS": CHUNKS,
-        "MAX_TOKENS": 24, "RESULTS_JSON": str(tmp_path / "01_quickstart.json")})
+        "MAX_TOKENS": 24})
     return lab_factory({NOTEBOOK: nb})
 
 
