@@ -39,6 +39,7 @@ from .runtime import (
     port_owner,
     read_pidfile,
 )
+from .settings import BLEND
 
 # name -> module; `auto` takes the first one available, so the GPU backend comes first
 BACKENDS = {"vllm": "helpers.gpu.launch", "embedded": "helpers.embedded.launch"}
@@ -73,7 +74,7 @@ def launch(e: Engine) -> Engine:
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     old = read_pidfile(e.name)
     if old and alive(old.pid):
-        if old.port == e.port and old.backend == e.backend and old.model == e.model:
+        if old.port == e.port and old.backend == e.backend and old.cmd == e.cmd:  # same settings
             return old  # already running: reuse it
         stop_engine(old)
     if port_in_use(e.port, e.host):
@@ -215,6 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--no-precompute", action="store_true", help="skip warming the chunk KV cache")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
+    ap.add_argument("--ratio", type=float, default=BLEND.ratio,
+                    help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
+    ap.add_argument("--check-layer", type=int, default=BLEND.check_layer,
+                    help=f"layer where tokens are selected; layers below it are recomputed for all tokens "
+                         f"(default {BLEND.check_layer})")
     ap.add_argument("--no-disk-cache", action="store_true",
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
     args = ap.parse_args(argv)
@@ -226,7 +232,12 @@ def main(argv=None) -> int:
         st = status()
         print(json.dumps(st, indent=2))
         return 0 if all(s.get("healthy") for s in st.values()) else 1
-    kw = {"load_format": args.load_format} if args.load_format else {}
+    if not 0 < args.ratio <= 1 or args.check_layer < 0:
+        print("error: --ratio must be in (0, 1] and --check-layer >= 0", file=sys.stderr)
+        return 2
+    kw = {"ratio": args.ratio, "check_layer": args.check_layer}
+    if args.load_format:
+        kw["load_format"] = args.load_format
     if args.no_disk_cache:
         kw["kv_dir"] = None
     try:
@@ -241,6 +252,7 @@ def main(argv=None) -> int:
         return 1
     for e in engines:
         print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
+    print(f"blend settings: ratio {args.ratio}, check layer {args.check_layer}")
     return 0
 
 

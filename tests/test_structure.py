@@ -109,3 +109,22 @@ def test_the_check_sees_a_branch():
     assert len(backend_branches('if e.backend == "vllm":\n    pass\n')) == 1
     assert len(backend_branches('if e.backend != "unknown":\n    pass\n')) == 1
     assert not backend_branches('kind = "vllm" if gpus else "embedded"\nsame = a.backend == b.backend\n')
+
+
+def test_launcher_passes_ratio_and_check_layer(monkeypatch, capsys):
+    """`launch_engines.sh --ratio R --check-layer L` reaches the engines of either backend."""
+    from helpers import engines
+
+    got = {}
+
+    def fake_start(backend, model, blend_port, full_port, timeout, **kw):
+        got.update(kw)
+        return []
+
+    monkeypatch.setattr(engines, "start", fake_start)
+    assert engines.main(["--ratio", "0.3", "--check-layer", "2", "--no-precompute"]) == 0
+    assert got["ratio"] == 0.3 and got["check_layer"] == 2
+    assert "ratio 0.3, check layer 2" in capsys.readouterr().out
+    assert engines.main(["--ratio", "1.5", "--no-precompute"]) == 2
+    cmd = engines.backend("embedded").engines(None, 8000, 8001, ratio=0.3, check_layer=2)[0].cmd
+    assert cmd[cmd.index("--ratio") + 1] == "0.3" and cmd[cmd.index("--check-layer") + 1] == "2"

@@ -207,7 +207,10 @@ def create_app(gen: Generator) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "backend": "embedded", "mode": gen.mode, "model": gen.model_name, **state}
+        blend = {"ratio": gen.blend.ratio, "check_layer": gen.blend.check_layer,
+                 "deviation": gen.blend.deviation} if gen.mode == "blend" else {}
+        return {"status": "ok", "backend": "embedded", "mode": gen.mode, "model": gen.model_name, **blend,
+                **state}
 
     @app.get("/v1/models")
     async def models():
