@@ -189,6 +189,7 @@ GPU_COLUMNS = {  # our name: accepted spellings in docs/h200_ttft.csv
     "blend_ms": ("blend_ms", "blend_ttft_ms", "ttft_blend_ms"),
     "speedup": ("speedup", "speed_up", "blend_speedup"),
     "gpus": ("gpus", "gpu"),
+    "blend_path": ("blend_path",),
 }
 
 
@@ -215,7 +216,8 @@ def load_gpu_csv(path: str | Path) -> list[dict] | None:
             row[k] = float(row[k]) if row[k] is not None else None
         if row["speedup"] is None:
             row["speedup"] = row["full_ms"] / row["blend_ms"]
-        row["model"] = (row["model"] or "model") + (f" ({row['gpus']})" if row["gpus"] else "")
+        row["model"] = ((row["model"] or "model") + (f" ({row['gpus']})" if row["gpus"] else "")
+                        + (f", {row['blend_path']} blend" if row["blend_path"] else ""))
         out.append(row)
     return out
 
@@ -232,6 +234,32 @@ def gpu_ttft(rows: list[dict]) -> go.Figure:
                             line=dict(color=COLORS[e], dash="solid" if e == "full" else "dot"))
     return _layout(fig, "Measured on H200: TTFT by prompt length", xaxis_title="prompt tokens",
                    yaxis_title="TTFT (ms)", yaxis_rangemode="tozero")
+
+
+def load_quality_csv(path: str | Path) -> list[dict] | None:
+    """Rows of docs/h200_quality.csv (blend vs full prefill on real weights), or None if missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        return [{**r, "top20_kl_mean": float(r["top20_kl_mean"])} for r in csv.DictReader(f)]
+
+
+def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
+    """How far each engine's first-token distribution is from a full prefill's (top-20 KL, log
+    scale), GPU and embedded side by side; the float32-vs-bf16 row is the GPU's noise floor."""
+    g = [r for r in rows if r["prompt_set"] == prompt_set and r["engine"] != "full"]
+    names = [f"{r['backend']}: {r['engine']}" for r in g]
+    colors = [COLORS["full"] if "fp32" in r["engine"] else
+              "#999999" if r.get("blend_path") == "upstream" or r["engine"] == "naive_reuse" else
+              COLORS["blend"] for r in g]
+    fig = go.Figure(go.Bar(x=[max(r["top20_kl_mean"], 1e-4) for r in g], y=names, orientation="h",
+                           marker_color=colors,
+                           text=[f"{r['top20_kl_mean']:.4f}, {r['first_token_agree']}/{r['prompts']}"
+                                 for r in g], textposition="outside"))
+    return _layout(fig, f"Blend vs full prefill, real weights ({prompt_set} prompts): top-20 KL",
+                   xaxis_title="top-20 KL to full prefill (log; lower is closer)", xaxis_type="log",
+                   height=60 + 28 * len(g))
 
 
 def median(values) -> float | None:

@@ -43,6 +43,55 @@ def _answering(name: str, port: int) -> Engine | None:
     return e
 
 
+# The sample question's context per backend. On the CPU engine blending wins at any length (3.7x at
+# 2K tokens); on an H200 it loses below 8-10K tokens for a 7B model (0.33x at 1.8K, 0.95x at 8K,
+# 1.47x at 16K: docs/gpu.md), so the GPU engines get a context past that crossover where the model's
+# context allows it.
+SAMPLE_CHUNKS = ["encoder_flac", "protocol_rtmp", "filter_crop"]
+CONTEXT_TOKENS = {"embedded": 2_000, "vllm": 14_000}
+
+
+def default_chunks(engine: Engine, question_room: int = 512) -> list[str]:
+    """The sample chunks, topped up with other corpus chunks to the backend's default context
+    (`CONTEXT_TOKENS`), never past the model's context length minus `question_room`."""
+    from . import corpus
+
+    target = CONTEXT_TOKENS.get(engine.backend, CONTEXT_TOKENS["embedded"])
+    limit = _context_length(engine)
+    if limit:
+        target = min(target, limit - question_room)
+    tokens = {m["name"]: m["tokens"] for m in corpus.load_manifest()}
+    have = sum(tokens[n] for n in SAMPLE_CHUNKS)
+    if target - have < 300:
+        return list(SAMPLE_CHUNKS)
+    more = [n for n in corpus.pick_chunks(target - have, seed=0, exclude=SAMPLE_CHUNKS)
+            if tokens[n] + have <= target]
+    picked = [*SAMPLE_CHUNKS]
+    for n in more:
+        if have + tokens[n] <= target:
+            picked.append(n)
+            have += tokens[n]
+    return picked
+
+
+def _context_length(engine: Engine) -> int | None:
+    """The served model's context length, from /v1/models (both backends report max_model_len)."""
+    import httpx
+
+    try:
+        return int(httpx.get(engine.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def describe(engine: Engine) -> str:
+    """Which backend and model answer, and the blend settings, in one line."""
+    h = health(engine) or {}
+    model = h.get("model") or engine.model or "?"
+    settings = f", ratio {h['ratio']}, check layer {h['check_layer']}" if "ratio" in h else ""
+    return f"{engine.name} engine: {engine.backend} backend, model {model}{settings}"
+
+
 def report(results: dict):
     """`results` as a JSON output of the cell (NaN and inf as null): the last cell of each notebook
     shows it, and tests/test_notebooks.py reads it from the executed notebook."""

@@ -215,7 +215,7 @@ def test_gpu_csv(tmp_path):
                     "7b,2x H200,4000,400,100\n7b,2x H200,8000,900,200\n")
     rows = plots.load_gpu_csv(path)  # no speedup column: computed
     assert rows[0] == {"model": "7b (2x H200)", "tokens": 4000, "full_ms": 400.0, "blend_ms": 100.0,
-                       "speedup": 4.0, "gpus": "2x H200"}
+                       "speedup": 4.0, "gpus": "2x H200", "blend_path": None}
     assert isinstance(plots.speedup([{"tokens": 500, "speedup": 2.0}], rows), go.Figure)
     assert isinstance(plots.gpu_ttft(rows), go.Figure)
     path.write_text("a,b\n1,2\n")
@@ -241,3 +241,25 @@ def test_f1():
     assert f1("-lavfi", "-lavfi.") == 1.0
     assert f1("nothing", "something") == 0.0
     assert 0 < f1("the stream with most channels", "the stream with the most channels") <= 1
+
+
+def test_gpu_quality_chart_from_the_committed_csv():
+    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "h200_quality.csv")
+    fig = plots.gpu_quality(rows)
+    names = list(fig.data[0].y)
+    assert "vllm: fixed_0.15" in names and "vllm: full_fp32" in names and "embedded: blend_0.15" in names
+    assert plots.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
+
+
+def test_default_chunks_fit_the_backend(monkeypatch):
+    from helpers import tutorial
+    from helpers.runtime import Engine
+
+    tokens = {m["name"]: m["tokens"] for m in corpus.load_manifest()}
+    monkeypatch.setattr(tutorial, "_context_length", lambda e: 8192)
+    assert tutorial.default_chunks(Engine("blend", 1, "embedded")) == tutorial.SAMPLE_CHUNKS
+    gpu = tutorial.default_chunks(Engine("blend", 1, "vllm"))
+    assert gpu[:3] == tutorial.SAMPLE_CHUNKS and 6000 < sum(tokens[n] for n in gpu) <= 8192 - 512
+    monkeypatch.setattr(tutorial, "_context_length", lambda e: 32768)
+    big = tutorial.default_chunks(Engine("blend", 1, "vllm"))
+    assert 12000 < sum(tokens[n] for n in big) <= tutorial.CONTEXT_TOKENS["vllm"]
