@@ -4,8 +4,10 @@ malformed requests, abandoned clients, foreign web pages, racing launchers, froz
 Most server checks run against the real app with a stand-in generator (no model: fast); the few
 that need the real tokenizer or model use the session's live engines."""
 
+import json
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -55,3 +57,169 @@ def test_disk_budget_evicts_least_recently_used(tmp_path):
     left = sorted(p.stem for p in tmp_path.glob("*.safetensors"))
     assert left == ["a", "d"] and store.stats()["disk_evictions"] == 2
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 10_000
+
+
+# ---------------------------------------------------------------- the server, with a stand-in model
+class FakeTok:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 1000 for c in text.replace(" ", "")]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)
+
+
+class FakeGen:
+    """Generator's shape without a model: one "x" token every `pace` seconds, cancellable."""
+
+    mode, model_name, context_length = "full", "fake", 512
+
+    def __init__(self, pace=0.02):
+        from helpers.embedded.kvstore import ChunkKVStore
+
+        self.pace, self.tok, self.started = pace, FakeTok(), 0
+        self.runner = type("R", (), {"store": ChunkKVStore(), "tokenize": self.tokenize})()
+
+    def tokenize(self, segments, add_bos=False):
+        return [self.tok.encode(s) for s in segments]
+
+    def chat_text(self, messages):
+        return "".join(m["content"] for m in messages)
+
+    def segments(self, text, chat):
+        return self.tokenize([text])
+
+    def cache_chunk(self, text):
+        time.sleep(self.pace)
+        return {"tokens": len(self.tok.encode(text)), "cached": False, "ms": 1.0}
+
+    def run(self, req):
+        from helpers.embedded.generate import Step
+
+        self.started += 1
+        for i in range(req.max_tokens):
+            if req.cancelled.is_set():
+                return
+            time.sleep(self.pace)
+            last = i == req.max_tokens - 1
+            yield Step("x", 1, "x", -0.5, None, "length" if last else None)
+
+
+JSON = {"content-type": "application/json"}
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def client(gen=None, **kw):
+    from fastapi.testclient import TestClient
+
+    from helpers.embedded.server import create_app
+
+    return TestClient(create_app(gen or FakeGen(), **kw), base_url="http://127.0.0.1:8000",
+                      raise_server_exceptions=False)
+
+
+def assert_openai_error(r, status, code):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"], err
+    assert len(r.text) < 1000  # never echoes a large input
+
+
+def test_fake_engine_serves():
+    r = client().post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "xxx"
+
+
+DEEP = b'{"model": "fake", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+HOSTILE = [
+    ("nested 10,000 deep", "/v1/chat/completions", DEEP, 400, "invalid_json"),
+    ("lone surrogate", "/v1/chat/completions",
+     b'{"model": "fake", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "invalid_value"),
+    ("seed 2**70", "/v1/chat/completions", {**CHAT, "seed": 2**70}, 400, "invalid_value"),
+    ("20 MB model name", "/v1/chat/completions", {**CHAT, "model": "m" * 5_000_000}, 413,
+     "request_too_large"),
+    ("long model name", "/v1/chat/completions", {**CHAT, "model": "m" * 100_000}, 404, "model_not_found"),
+    ("long bad value", "/v1/chat/completions", {**CHAT, "temperature": "t" * 100_000}, 400, "invalid_type"),
+    ("five stops", "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, 400, "invalid_value"),
+    ("huge stop", "/v1/chat/completions", {**CHAT, "stop": "s" * 1000}, 400, "invalid_value"),
+    ("prompt over the context, untokenized", "/v1/completions",
+     {"model": "fake", "prompt": "a" * 600_000}, 400, "context_length_exceeded"),
+    ("precompute text over the context", "/v1/kv/precompute", {"texts": ["ab" * 600]}, 400,
+     "context_length_exceeded"),
+    ("precompute 500 texts", "/v1/kv/precompute", {"texts": ["a"] * 500}, 400, "invalid_value"),
+    ("precompute no texts", "/v1/kv/precompute", {"texts": []}, 400, "invalid_value"),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status,code", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input_gets_a_short_openai_error(what, path, body, status, code):
+    c = client()
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    assert_openai_error(c.post(path, content=data, headers=JSON), status, code)
+    assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # still serving
+
+
+def test_404_405_and_unexpected_errors_are_openai_json():
+    gen = FakeGen()
+    c = client(gen)
+    assert_openai_error(c.get("/nope"), 404, "not_found")
+    r = c.get("/v1/chat/completions")
+    assert_openai_error(r, 405, "method_not_allowed")
+    assert "POST" in r.json()["error"]["message"] and r.headers["allow"] == "POST"
+    gen.runner.store.stats = lambda: 1 / 0  # a bug anywhere: still JSON, with a 500
+    assert_openai_error(c.get("/v1/kv/stats"), 500, "engine_error")
+
+
+def test_non_finite_logprobs_never_reach_json():
+    from helpers.embedded.generate import LOGPROB_FLOOR, Generator, Request
+
+    g = Generator.__new__(Generator)
+    g.tok = FakeTok()
+    logits = torch.tensor([0.0, float("-inf"), 1.0])
+    _, lp, top = g.sample(logits, Request([[1]], logprobs=3, temperature=0), None)
+    assert min(top.values()) == LOGPROB_FLOOR and lp > LOGPROB_FLOOR
+    with pytest.raises(RuntimeError, match="NaN"):
+        g.sample(torch.tensor([0.0, float("nan")]), Request([[1]]), None)
+
+
+# ---------------------------------------------------------------- local-server hygiene
+FOREIGN = [
+    ("foreign Origin", {"origin": "https://evil.example", **JSON}, 403, "forbidden_origin"),
+    ("null Origin", {"origin": "null", **JSON}, 403, "forbidden_origin"),
+    ("foreign Host", {"host": "evil.example:8000", **JSON}, 403, "forbidden_host"),
+    ("rebinding Host", {"host": "127.0.0.1.evil.example", **JSON}, 403, "forbidden_host"),
+    ("text/plain", {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ("no content type", {}, 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize("what,headers,status,code", FOREIGN, ids=[f[0] for f in FOREIGN])
+def test_web_pages_cannot_drive_the_engine(what, headers, status, code):
+    gen = FakeGen()
+    gen.runner.store.put("k", torch.ones(1))
+    c = client(gen)
+    assert_openai_error(c.post("/v1/kv/clear", content=b"{}", headers=headers), status, code)
+    assert c.get("/v1/kv/stats").json()["entries"] == 1  # nothing was cleared
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost", "[::1]:9", "LOCALHOST:1"])
+def test_loopback_hosts_and_origins_are_served(host):
+    r = client().post("/v1/kv/clear", json={}, headers={"host": host, "origin": f"http://{host}"})
+    assert r.status_code == 200, r.text
+
+
+def test_api_key():
+    c = client(api_key="s3cret")
+    assert_openai_error(c.get("/v1/models"), 401, "invalid_api_key")
+    assert_openai_error(c.get("/v1/models", headers={"authorization": "Bearer nope"}), 401, "invalid_api_key")
+    assert c.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    assert c.get("/health").status_code == 200  # as vLLM: /health needs no key
+
+
+def test_a_chunked_body_is_cut_at_the_limit():
+    def body():
+        yield b'{"model": "fake", "prompt": "'
+        for _ in range(100):
+            yield b"a" * 100_000  # 10 MB, no Content-Length
+
+    r = client(max_body=1 << 20).post("/v1/completions", content=body(), headers=JSON)
+    assert_openai_error(r, 413, "request_too_large")

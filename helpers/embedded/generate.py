@@ -16,6 +16,8 @@ from .blend import ModelRunner
 from .kvstore import ChunkKVStore
 from .model import load_model
 
+LOGPROB_FLOOR = -9999.0  # what vLLM reports for an impossible token
+
 
 @dataclass
 class Request:
@@ -114,7 +116,10 @@ class Generator:
             yield step
 
     def sample(self, logits: torch.Tensor, req: Request, gen):
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        if not torch.isfinite(logits).any() or torch.isnan(logits).any():
+            raise RuntimeError("the model produced NaN scores (damaged weights or cached KV?); "
+                               "restart the engine and clear .cache/chunk-kv if it persists")
+        logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)  # -inf is no JSON
         if req.temperature <= 0:
             token = int(torch.argmax(logits))
         else:
