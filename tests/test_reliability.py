@@ -9,10 +9,13 @@ import logging
 import os
 import time
 
+import httpx
 import pytest
 import torch
 
 from helpers.embedded.kvstore import ChunkKVStore
+
+from .conftest import free_port
 
 
 # ---------------------------------------------------------------- chunk KV on disk
@@ -71,7 +74,7 @@ class FakeTok:
 class FakeGen:
     """Generator's shape without a model: one "x" token every `pace` seconds, cancellable."""
 
-    mode, model_name, context_length = "full", "fake", 512
+    mode, model_name, context_length = "full", "fake", 2048
 
     def __init__(self, pace=0.02):
         from helpers.embedded.kvstore import ChunkKVStore
@@ -142,8 +145,8 @@ HOSTILE = [
     ("five stops", "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, 400, "invalid_value"),
     ("huge stop", "/v1/chat/completions", {**CHAT, "stop": "s" * 1000}, 400, "invalid_value"),
     ("prompt over the context, untokenized", "/v1/completions",
-     {"model": "fake", "prompt": "a" * 600_000}, 400, "context_length_exceeded"),
-    ("precompute text over the context", "/v1/kv/precompute", {"texts": ["ab" * 600]}, 400,
+     {"model": "fake", "prompt": "a" * 2_000_000}, 400, "context_length_exceeded"),
+    ("precompute text over the context", "/v1/kv/precompute", {"texts": ["ab" * 2100]}, 400,
      "context_length_exceeded"),
     ("precompute 500 texts", "/v1/kv/precompute", {"texts": ["a"] * 500}, 400, "invalid_value"),
     ("precompute no texts", "/v1/kv/precompute", {"texts": []}, 400, "invalid_value"),
@@ -223,3 +226,70 @@ def test_a_chunked_body_is_cut_at_the_limit():
 
     r = client(max_body=1 << 20).post("/v1/completions", content=body(), headers=JSON)
     assert_openai_error(r, 413, "request_too_large")
+
+
+# ---------------------------------------------------------------- queue and abandoned clients
+@pytest.fixture
+def served():
+    """Serve a FakeGen app on a real socket (disconnects are real); returns a starter."""
+    import threading
+
+    import uvicorn
+
+    from helpers.embedded.server import create_app
+
+    servers = []
+
+    def start(gen, **kw):
+        server = uvicorn.Server(uvicorn.Config(create_app(gen, **kw), host="127.0.0.1", port=free_port(),
+                                               log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{server.config.port}"
+
+    yield start
+    for s in servers:
+        s.should_exit = True
+
+
+def test_abandoned_non_streaming_requests_free_the_model(served):
+    gen = FakeGen(pace=0.05)  # 1000 tokens: 50 s each if nobody cancels
+    url = served(gen)
+    for _ in range(2):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json={**CHAT, "max_tokens": 1000}, timeout=1.0)
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=20)
+    assert r.status_code == 200 and time.perf_counter() - t0 < 5
+
+
+def test_full_queue_gets_429_with_retry_after(served):
+    url = served(FakeGen(pace=0.05), max_queue=2)
+    body = {**CHAT, "max_tokens": 60, "stream": True}
+    with httpx.Client(timeout=10) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as a, \
+            c.stream("POST", url + "/v1/chat/completions", json=body) as b:
+        assert a.status_code == b.status_code == 200
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert_openai_error(r, 429, "queue_full")
+        assert int(r.headers["retry-after"]) > 0
+    deadline = time.time() + 10  # both streams closed: room again
+    while httpx.get(url + "/health", timeout=5).json()["busy"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+
+
+def test_health_says_busy_during_precompute(served):
+    import threading
+
+    url = served(FakeGen(pace=0.1))
+    t = threading.Thread(target=lambda: httpx.post(url + "/v1/kv/precompute", json={"texts": ["a"] * 20},
+                                                   timeout=30))
+    t.start()
+    time.sleep(0.5)
+    h = httpx.get(url + "/health", timeout=5).json()
+    t.join(timeout=30)
+    assert h["busy"] and h["task"] == "precompute"
+    assert httpx.get(url + "/health", timeout=5).json()["busy"] is False
