@@ -242,7 +242,7 @@ def served():
 
     def start(gen, **kw):
         server = uvicorn.Server(uvicorn.Config(create_app(gen, **kw), host="127.0.0.1", port=free_port(),
-                                               log_level="warning"))
+                                               log_level="critical"))
         threading.Thread(target=server.run, daemon=True).start()
         servers.append(server)
         deadline = time.time() + 20
@@ -293,3 +293,127 @@ def test_health_says_busy_during_precompute(served):
     t.join(timeout=30)
     assert h["busy"] and h["task"] == "precompute"
     assert httpx.get(url + "/health", timeout=5).json()["busy"] is False
+
+
+# ---------------------------------------------------------------- the launcher
+FAKE_ENGINE = r"""
+import http.server, json, os, signal, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+print("fake engine starting", flush=True)
+if "--freeze" in sys.argv:
+    os.kill(os.getpid(), signal.SIGSTOP)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "backend": "embedded"}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+@pytest.fixture
+def fake_engines(tmp_path, monkeypatch):
+    """helpers.engines with a backend whose engines are tiny HTTP servers named like ours."""
+    import sys
+
+    from helpers import engines, runtime
+
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)
+    ports = {"blend": free_port(), "full": free_port()}
+    freeze = set()
+
+    def fake(backend, model, blend_port, full_port, **kw):
+        def cmd(name):
+            extra = ["--freeze"] if name in freeze else []
+            return [sys.executable, "-c", FAKE_ENGINE, "helpers.embedded.server", "--port", str(ports[name]),
+                    *extra]
+        return [runtime.Engine(n, ports[n], "embedded", cmd(n)) for n in ("blend", "full")]
+
+    monkeypatch.setattr(engines, "engines_for", fake)
+    yield engines, ports, freeze
+    engines.stop(ports=ports)
+
+
+def test_two_launches_at_once_start_one_engine_each(fake_engines):
+    import threading
+
+    from helpers import runtime
+
+    engines, ports, _ = fake_engines
+    results, errors = [], []
+
+    def launch():
+        try:
+            results.append(engines.start("embedded", timeout=30, progress=False))
+        except Exception as e:  # noqa: BLE001 - collected for the assert
+            errors.append(e)
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 2
+    for name in ("blend", "full"):
+        pids = {r.pid for run in results for r in run if r.name == name}
+        assert len(pids) == 1  # the second launcher found the first one's engine
+        assert runtime.read_pidfile(name).pid == pids.pop() == runtime.our_engine_on(ports[name])
+
+
+def test_stop_finds_an_engine_by_its_port(fake_engines):
+    from helpers import runtime
+
+    engines, ports, _ = fake_engines
+    started = engines.start("embedded", timeout=30, progress=False)
+    for e in started:
+        e.pidfile.unlink()  # the pid file is lost: only the port tells
+    with pytest.raises(runtime.EngineError, match="one of our engines without a pid file"):
+        engines.start("embedded", timeout=30, progress=False)
+    stopped = engines.stop(ports=ports)
+    assert len(stopped) == 2 and all("found by its port" in s for s in stopped)
+    assert not any(runtime.alive(e.pid) for e in started)
+    assert not any(runtime.port_in_use(p) for p in ports.values())
+
+
+def test_a_running_engines_log_is_never_truncated(fake_engines):
+    engines, ports, _ = fake_engines
+    blend = engines.start("embedded", timeout=30, progress=False)[0]
+    before = blend.log.read_text()
+    assert "fake engine starting" in before
+    assert engines.start("embedded", timeout=30, progress=False)[0].pid == blend.pid  # reused
+    assert blend.log.read_text().startswith(before)
+    engines.stop(ports=ports)
+    engines.start("embedded", timeout=30, progress=False)
+    assert (blend.log.parent / "blend.log.1").read_text().startswith(before)  # the last run's log kept
+
+
+def test_a_frozen_engine_fails_fast_and_the_healthy_one_keeps_running(fake_engines):
+    from helpers import runtime
+
+    engines, ports, freeze = fake_engines
+    freeze.add("full")
+    t0 = time.perf_counter()
+    with pytest.raises(runtime.EngineError, match=r"full engine is stopped(.|\n)*blend engine keeps "
+                                                  r"running(.|\n)*fake engine starting"):
+        engines.start("embedded", timeout=60, progress=False)
+    assert time.perf_counter() - t0 < 20  # not the whole timeout
+    assert runtime.read_pidfile("full") is None and not runtime.port_in_use(ports["full"])
+    blend = runtime.read_pidfile("blend")
+    assert runtime.alive(blend.pid) and runtime.health(blend)
+
+
+def test_precompute_errors_are_engine_errors(served):
+    from helpers.embedded import launch
+    from helpers.runtime import Engine, EngineError
+
+    down = Engine("blend", free_port(), "embedded")
+    with pytest.raises(EngineError, match="did not answer"):
+        launch.precompute(down, ["text"], progress=False)
+    gen = FakeGen()
+    gen.cache_chunk = lambda text: 1 / 0
+    url = served(gen)
+    up = Engine("blend", int(url.rsplit(":", 1)[1]), "embedded")
+    with pytest.raises(EngineError, match=r"refused POST /v1/kv/precompute \(500\): The engine failed"):
+        launch.precompute(up, ["text"], progress=False)
