@@ -417,3 +417,40 @@ def test_precompute_errors_are_engine_errors(served):
     up = Engine("blend", int(url.rsplit(":", 1)[1]), "embedded")
     with pytest.raises(EngineError, match=r"refused POST /v1/kv/precompute \(500\): The engine failed"):
         launch.precompute(up, ["text"], progress=False)
+
+
+# ---------------------------------------------------------------- the real engine (model, tokenizer)
+def test_a_damaged_kv_file_is_recomputed_to_the_same_kv(model, tmp_path):
+    from helpers.embedded.blend import ModelRunner
+
+    mdl, tok, path = model
+    ids = tok.encode("FFmpeg scales video with the scale filter.", add_special_tokens=False)
+    first, hit = ModelRunner(mdl, tok, ChunkKVStore(disk_dir=tmp_path, model_id=str(path)),
+                             model_id=str(path)).chunk_kv(ids)
+    f = next(tmp_path.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-64] + os.urandom(64))  # damage the data, keep the header
+    runner = ModelRunner(mdl, tok, ChunkKVStore(disk_dir=tmp_path, model_id=str(path)), model_id=str(path))
+    again, hit = runner.chunk_kv(ids)
+    assert not hit and torch.equal(first, again) and runner.store.stats()["damaged"] == 1
+
+
+@pytest.mark.slow
+def test_live_engine_refuses_hostile_input_and_keeps_serving(live_engines):
+    e = live_engines["blend"]
+    post = {"headers": {"content-type": "application/json"}, "timeout": 60}
+    r = httpx.post(e.url + "/v1/chat/completions", **post,
+                   content=b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert_openai_error(r, 400, "invalid_value")
+    t0 = time.perf_counter()
+    for words, status, code in [(700_000, 400, "context_length_exceeded"),  # refused untokenized
+                                (4_000_000, 413, "request_too_large")]:  # 20 MB
+        r = httpx.post(e.url + "/v1/completions", **post,
+                       content=json.dumps({"model": "smollm2", "prompt": "word " * words}).encode())
+        assert_openai_error(r, status, code)
+    r = httpx.post(e.url + "/v1/kv/precompute", **post, content=json.dumps({"texts": ["word " * 9000]}))
+    assert_openai_error(r, 400, "context_length_exceeded")
+    assert time.perf_counter() - t0 < 10
+    body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "seed": 2**64 - 1}  # the largest seed
+    r = httpx.post(e.url + "/v1/completions", **post, content=json.dumps(body))
+    assert r.status_code == 200, r.text
+    assert httpx.get(e.url + "/health", timeout=5).json()["status"] == "ok"
