@@ -454,3 +454,16 @@ def test_live_engine_refuses_hostile_input_and_keeps_serving(live_engines):
     r = httpx.post(e.url + "/v1/completions", **post, content=json.dumps(body))
     assert r.status_code == 200, r.text
     assert httpx.get(e.url + "/health", timeout=5).json()["status"] == "ok"
+
+
+def test_client_helpers_send_the_api_key(served, monkeypatch):
+    from helpers import client as kvclient
+    from helpers.runtime import Engine
+
+    url = served(FakeGen(), api_key="s3cret")
+    e = Engine("full", int(url.rsplit(":", 1)[1]), "embedded")
+    monkeypatch.delenv("KVBLEND_API_KEY", raising=False)
+    assert "401" in kvclient.stream_answer(e, [], "hi", max_tokens=2, model="fake").error
+    monkeypatch.setenv("KVBLEND_API_KEY", "s3cret")
+    assert kvclient.model_id(e) == "fake"
+    assert kvclient.stream_answer(e, [], "hi", max_tokens=2).text == "xx"
