@@ -17,7 +17,7 @@ import openai
 
 from . import engines as eng
 from .prompts import DEFAULT_SYSTEM
-from .runtime import Engine
+from .runtime import Engine, api_key
 
 
 @dataclass
@@ -41,7 +41,9 @@ class Answer:
 
 def openai_client(e: Engine, timeout: float = 600) -> openai.OpenAI:
     # max_retries=0: a dead engine must surface as an error at once, never as a silent retry
-    return openai.OpenAI(base_url=e.url + "/v1", api_key="local", timeout=timeout, max_retries=0)
+    # the key the engines were started with (KVBLEND_API_KEY); any word when they need none
+    return openai.OpenAI(base_url=e.url + "/v1", api_key=api_key() or "local", timeout=timeout,
+                         max_retries=0)
 
 
 def model_id(e: Engine) -> str:

@@ -9,6 +9,12 @@ file `.engines/<name>.json`, so a new kernel, a notebook or `launch_engines.sh s
 another process started. Errors say what happened and what to do; a dying engine's last log lines
 are shown.
 
+Launchers take turns (an flock on `.engines/launch.lock`), so two at once never start duplicates; a
+pid file is written atomically and names the process just started; an old log is kept as
+`<name>.log.1`, never truncated; `stop` also finds an engine of ours by the port it listens on. An
+engine that dies, freezes (SIGSTOP) or times out at start is stopped and reported; the healthy one
+keeps running.
+
 This module knows the backends by name only: each is a module with the same few functions
 (`available`, `engines`, `precompute`, `request`), imported when an engine of that backend is used.
 """
@@ -34,10 +40,14 @@ from .runtime import (
     EngineError,
     alive,
     health,
+    launcher_lock,
     log_tail,
+    our_engine_on,
     port_in_use,
     port_owner,
     read_pidfile,
+    stopped_state,
+    write_atomic,
 )
 from .settings import BLEND
 
@@ -70,7 +80,8 @@ def engines_for(name: str, model: str | None, blend_port: int, full_port: int, *
 
 # ------------------------------------------------------------------ start / stop / status
 def launch(e: Engine) -> Engine:
-    """Start one engine in the background (own process group), unless ours already serves there."""
+    """Start one engine in the background (own process group), unless ours already serves there.
+    `start` calls it under the launcher lock, so nothing else starts an engine meanwhile."""
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     old = read_pidfile(e.name)
     if old and alive(old.pid):
@@ -78,46 +89,70 @@ def launch(e: Engine) -> Engine:
             return old  # already running: reuse it
         stop_engine(old)
     if port_in_use(e.port, e.host):
+        ours = our_engine_on(e.port)
+        fix = ("It is one of our engines without a pid file: run `./launch_engines.sh stop` (it finds "
+               "it by its port)" if ours else "Stop that process (or run `./launch_engines.sh stop`)")
         raise EngineError(
             f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} engine cannot "
-            f"start. Stop that process (or run `./launch_engines.sh stop`), or choose another port "
-            f"with --{e.name}-port."
+            f"start. {fix}, or choose another port with --{e.name}-port."
         )
+    if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
+        os.replace(e.log, e.log.with_name(e.log.name + ".1"))
     env = {**os.environ, **e.env}
     with open(e.log, "w") as log:
         proc = subprocess.Popen(e.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=ROOT, start_new_session=True)
     e.pid = proc.pid
-    e.pidfile.write_text(json.dumps(asdict(e)))
+    record = {**asdict(e), "env": {k: v for k, v in e.env.items() if "KEY" not in k}}  # no secrets
+    write_atomic(e.pidfile, json.dumps(record))
     return e
 
 
+def startup_problem(e: Engine) -> str | None:
+    """Why `e` will never become healthy, when that is already clear (rather than at the timeout)."""
+    if not alive(e.pid):
+        return "exited during start-up"
+    state = stopped_state(e.pid)
+    if state:
+        return f"is {state} (pid {e.pid}: SIGSTOP or a debugger?) and makes no progress"
+    return None
+
+
+def give_up(failed: list[Engine], engines: list[Engine], why: str) -> EngineError:
+    """Stop the engines that failed, keep the healthy ones, and say so with the first one's log."""
+    for e in failed:
+        stop_engine(e)
+    kept = [e.name for e in engines if e not in failed and alive(e.pid)]
+    e = failed[0]
+    return EngineError(
+        f"The {' and '.join(f.name for f in failed)} engine {why}; stopped it"
+        + (f" (the {' and '.join(kept)} engine keeps running)" if kept else "")
+        + f". Last lines of {e.log}:\n{log_tail(e)}\nFix the cause above and start again."
+    )
+
+
 def wait_healthy(engines: list[Engine], timeout: float = 300, progress: bool = True) -> None:
-    """Block until every engine answers /health; raise with its log tail if one dies or times out."""
+    """Block until every engine answers /health. One that dies, freezes or is not ready in `timeout`
+    seconds is stopped and reported with its log tail; the healthy ones keep running."""
     t0 = time.time()
     pending = list(engines)
     bar = _progress(progress, len(engines))
     while pending:
         for e in list(pending):
+            problem = startup_problem(e)
+            if problem:
+                if bar:
+                    bar.close()
+                raise give_up([e], engines, problem)
             if health(e):
                 pending.remove(e)
                 if bar:
                     bar.update(1)
                     bar.set_postfix_str(f"{e.name} ready on :{e.port}")
-            elif not alive(e.pid):
-                if bar:
-                    bar.close()
-                raise EngineError(
-                    f"The {e.name} engine exited during start-up. Last lines of {e.log}:\n"
-                    f"{log_tail(e)}\nFix the cause above and start again."
-                )
         if pending and time.time() - t0 > timeout:
-            for e in engines:
-                stop_engine(e)
-            raise EngineError(
-                f"Engines not ready after {timeout:.0f} s ({', '.join(e.name for e in pending)}); "
-                f"stopped them. Last lines of {pending[0].log}:\n{log_tail(pending[0])}"
-            )
+            if bar:
+                bar.close()
+            raise give_up(pending, engines, f"was not ready after {timeout:.0f} s")
         if pending:
             if bar:
                 bar.set_description(f"starting engines ({time.time() - t0:.0f} s)")
@@ -136,27 +171,51 @@ def _progress(enabled: bool, total: int):
 
 def start(backend: str = "auto", model: str | None = None, blend_port: int = PORTS["blend"],
           full_port: int = PORTS["full"], timeout: float = 300, progress: bool = True, **kw) -> list[Engine]:
-    """Start (or find running) blend and full engines and wait until both are healthy."""
-    engines = [launch(e) for e in engines_for(pick_backend(backend), model, blend_port, full_port, **kw)]
-    wait_healthy(engines, timeout, progress)
+    """Start (or find running) blend and full engines and wait until both are healthy. One launcher
+    at a time; a launch that fails or is interrupted before both run stops what it started (a
+    healthy engine stays when only the other one fails to come up)."""
+    with launcher_lock(timeout):
+        started = []
+        try:
+            engines = []
+            for e in engines_for(pick_backend(backend), model, blend_port, full_port, **kw):
+                engines.append(launch(e))
+                if engines[-1] is e:
+                    started.append(e)
+        except (EngineError, KeyboardInterrupt):
+            for e in started:
+                stop_engine(e)
+            raise
+        try:
+            wait_healthy(engines, timeout, progress)
+        except KeyboardInterrupt:
+            for e in started:
+                stop_engine(e)
+            raise
     return engines
+
+
+def signal_engine(pid: int, sig: int) -> None:
+    """Signal the engine's process group (ours lead one), or the process alone if it leads none."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def stop_engine(e: Engine, grace: float = 10.0) -> None:
     """TERM the engine's process group, KILL it after `grace` seconds, remove its pid file."""
     if e.pid and alive(e.pid):
-        try:
-            os.killpg(e.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_engine(e.pid, signal.SIGTERM)
+        signal_engine(e.pid, signal.SIGCONT)  # a stopped (SIGSTOP) engine must run to see the TERM
         deadline = time.time() + grace
         while alive(e.pid) and time.time() < deadline:
             time.sleep(0.1)
         if alive(e.pid):
-            try:
-                os.killpg(e.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_engine(e.pid, signal.SIGKILL)
         try:  # reap it if it was our child
             os.waitpid(e.pid, os.WNOHANG)
         except ChildProcessError:
@@ -164,13 +223,21 @@ def stop_engine(e: Engine, grace: float = 10.0) -> None:
     e.pidfile.unlink(missing_ok=True)
 
 
-def stop(names=("blend", "full")) -> list[str]:
+def stop(names=("blend", "full"), ports: dict | None = None) -> list[str]:
+    """Stop our engines: the ones the pid files name, and any of ours still listening on their
+    ports or on `ports` ({name: port}), e.g. one whose pid file was lost."""
     stopped = []
-    for name in names:
-        e = read_pidfile(name)
-        if e:
-            stop_engine(e)
-            stopped.append(f"{name} (pid {e.pid}, :{e.port})")
+    with launcher_lock():
+        for name in names:
+            e = read_pidfile(name)
+            if e:
+                stop_engine(e)
+                stopped.append(f"{name} (pid {e.pid}, :{e.port})")
+            for port in {p for p in (e and e.port, (ports or {}).get(name)) if p}:
+                pid = our_engine_on(port)
+                if pid:
+                    stop_engine(Engine(name, port, "unknown", pid=pid))
+                    stopped.append(f"{name} (pid {pid}, :{port}, found by its port)")
     return stopped
 
 
@@ -206,6 +273,18 @@ def precompute(e: Engine, texts: list[str], progress: bool = True) -> dict:
     return backend(e.backend).precompute(e, texts, progress=progress)
 
 
+def warm(e: Engine) -> None:
+    """Precompute the corpus's chunk KV; a failure leaves the (healthy) engines running and says so."""
+    from .corpus import load_chunks
+
+    try:
+        res = precompute(e, list(load_chunks().values()))
+    except EngineError as err:
+        raise EngineError(f"{err}\nThe engines are running but the chunk KV cache is not warm: run "
+                          "`./launch_engines.sh` again to retry, or `./launch_engines.sh stop`.") from err
+    print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="launch_engines.sh", description="Start/stop the two engines.")
     ap.add_argument("action", nargs="?", default="start", choices=["start", "stop", "status"])
@@ -225,7 +304,7 @@ def main(argv=None) -> int:
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
     args = ap.parse_args(argv)
     if args.action == "stop":
-        stopped = stop()
+        stopped = stop(ports={"blend": args.blend_port, "full": args.full_port})
         print("stopped: " + ", ".join(stopped) if stopped else "no engines were running")
         return 0
     if args.action == "status":
@@ -243,13 +322,13 @@ def main(argv=None) -> int:
     try:
         engines = start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
         if not args.no_precompute:
-            from .corpus import load_chunks
-
-            res = precompute(engines[0], list(load_chunks().values()))
-            print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
+            warm(engines[0])
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: engines this launch started were stopped", file=sys.stderr)
+        return 130
     for e in engines:
         print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
     print(f"blend settings: ratio {args.ratio}, check layer {args.check_layer}")

@@ -7,11 +7,14 @@ It imports nothing of ours, so the launcher (`helpers.engines`) and both backend
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = Path(os.environ.get("KVBLEND_RUN_DIR", ROOT / ".engines"))  # pid files, logs, engine configs
 HOST = "127.0.0.1"
 PORTS = {"blend": 8000, "full": 8001}  # the two engines' default ports
+ENGINE_MARKERS = ("helpers.embedded.server", "vllm serve", "vllm.entrypoints")  # our engine commands
+
+
+def api_key() -> str | None:
+    """The key the engines require (KVBLEND_API_KEY), if any: clients send it as a Bearer token."""
+    return os.environ.get("KVBLEND_API_KEY") or None
+
+
+def auth_headers() -> dict:
+    key = api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class EngineError(RuntimeError):
@@ -60,6 +74,44 @@ def read_pidfile(name: str) -> Engine | None:
         return None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def launcher_lock(timeout: float = 600, notify=print):
+    """One launcher (start or stop) at a time across processes: an flock on .engines/launch.lock.
+    A second launcher waits for the first, then finds its engines running instead of racing it."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / "launch.lock", "a+") as f:
+        deadline, told = time.time() + timeout, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    f.seek(0)
+                    notify(f"waiting for another launcher ({f.read().strip() or 'pid unknown'}) to finish")
+                    told = True
+                if time.time() > deadline:
+                    raise EngineError(f"Another launcher held {RUN_DIR / 'launch.lock'} for {timeout:.0f} s. "
+                                      "Wait for it to finish, or end it and run `./launch_engines.sh` again."
+                                      ) from None
+                time.sleep(0.2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def gpu_count() -> int:
     """NVIDIA GPUs on this machine, as nvidia-smi lists them (0 without nvidia-smi)."""
     if not shutil.which("nvidia-smi"):
@@ -96,6 +148,33 @@ def port_owner(port: int) -> str:
     return "another process"
 
 
+def our_engine_on(port: int) -> int | None:
+    """The pid of a process of ours (one of our engine commands, with this --port) listening on
+    `port`: an engine whose pid file is gone or names another process still gets found and stopped."""
+    try:
+        import psutil
+
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                cmd = psutil.Process(c.pid).cmdline()
+                line = " ".join(cmd)
+                if any(m in line for m in ENGINE_MARKERS) and f"--port {port}" in line:
+                    return c.pid
+    except Exception:  # noqa: BLE001 - best effort: no permission to list other users' sockets
+        pass
+    return None
+
+
+def stopped_state(pid: int | None) -> str | None:
+    """"stopped" or "tracing-stop" (SIGSTOP, a debugger): a process that makes no progress."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().split(") ")[-1][0]
+    except (OSError, IndexError, TypeError):
+        return None
+    return {"T": "stopped", "t": "tracing-stop"}.get(state)
+
+
 def alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -115,7 +194,7 @@ def alive(pid: int | None) -> bool:
 def health(e: Engine, timeout: float = 2.0) -> dict | None:
     """The engine's /health answer ({"status": "ok"} for an empty one), None if it does not answer."""
     try:
-        r = httpx.get(e.url + "/health", timeout=timeout)
+        r = httpx.get(e.url + "/health", timeout=timeout, headers=auth_headers())
         return r.json() if r.status_code == 200 and r.content else {"status": "ok"}
     except (httpx.HTTPError, ValueError):
         return None

@@ -16,6 +16,8 @@ from .blend import ModelRunner
 from .kvstore import ChunkKVStore
 from .model import load_model
 
+LOGPROB_FLOOR = -9999.0  # what vLLM reports for an impossible token
+
 
 @dataclass
 class Request:
@@ -44,13 +46,14 @@ class Generator:
     """One model, one mode. Not thread-safe by design: the server runs one request at a time."""
 
     def __init__(self, model: str | None = None, mode: str = "blend", blend: BlendSettings = BLEND,
-                 store_bytes: int = 2 << 30, store_dir: str | Path | None = None):
+                 store_bytes: int = 2 << 30, store_dir: str | Path | None = None, disk_bytes: int = 8 << 30):
         if mode not in ("blend", "full"):
             raise ValueError(f"mode must be 'blend' or 'full', not {mode!r}")
         mdl, tok, path = load_model(model)
         self.model_name = "smollm2" if model in (None, "smollm2") else Path(model).name
         self.mode, self.tok, self.blend = mode, tok, blend
-        self.runner = ModelRunner(mdl, tok, ChunkKVStore(store_bytes, store_dir), model_id=str(path))
+        store = ChunkKVStore(store_bytes, store_dir, disk_bytes, model_id=str(path))
+        self.runner = ModelRunner(mdl, tok, store, model_id=str(path))
         self.context_length = self.runner.max_len
         self.stop_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
                          if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
@@ -113,7 +116,10 @@ class Generator:
             yield step
 
     def sample(self, logits: torch.Tensor, req: Request, gen):
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        if not torch.isfinite(logits).any() or torch.isnan(logits).any():
+            raise RuntimeError("the model produced NaN scores (damaged weights or cached KV?); "
+                               "restart the engine and clear .cache/chunk-kv if it persists")
+        logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)  # -inf is no JSON
         if req.temperature <= 0:
             token = int(torch.argmax(logits))
         else:

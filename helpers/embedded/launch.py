@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from ..prompts import DEFAULT_SYSTEM, build_messages
-from ..runtime import HOST, ROOT, Engine
+from ..runtime import HOST, ROOT, Engine, EngineError, auth_headers
 from ..settings import BLEND
 
 KV_DIR = ROOT / ".cache" / "chunk-kv"
@@ -45,24 +45,39 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
 
 
 def precompute(engine: Engine, texts: list[str], progress: bool = True) -> dict:
-    """Compute the KV of every chunk on the blend engine once, so later prompts hit the cache."""
+    """Compute the KV of every chunk on the blend engine once, so later prompts hit the cache.
+    Raises EngineError (never a raw httpx error) when the engine fails or refuses."""
     from tqdm.auto import tqdm
 
     done = {"tokens": 0, "computed": 0}
-    with httpx.Client(timeout=600) as client:
-        for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
-            r = client.post(engine.url + "/v1/kv/precompute", json={"texts": [text]})
-            r.raise_for_status()
-            res = r.json()["results"][0]
-            done["tokens"] += res["tokens"]
-            done["computed"] += not res["cached"]
-        # The chat template's prefix (system prompt, user header) is a segment of its own too:
-        # one tiny request caches it, so the first real question pays for no segment at all.
-        model = client.get(engine.url + "/v1/models").json()["data"][0]["id"]
-        client.post(engine.url + "/v1/chat/completions", json={
-            "model": model, "messages": build_messages([], "Hello"), "max_tokens": 1}).raise_for_status()
-        done["stats"] = client.get(engine.url + "/v1/kv/stats").json()
+    try:
+        with httpx.Client(timeout=600, headers=auth_headers()) as client:
+            for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
+                res = answer(engine, client.post(engine.url + "/v1/kv/precompute", json={"texts": [text]}))
+                done["tokens"] += res["results"][0]["tokens"]
+                done["computed"] += not res["results"][0]["cached"]
+            # The chat template's prefix (system prompt, user header) is a segment of its own too:
+            # one tiny request caches it, so the first real question pays for no segment at all.
+            model = answer(engine, client.get(engine.url + "/v1/models"))["data"][0]["id"]
+            answer(engine, client.post(engine.url + "/v1/chat/completions", json={
+                "model": model, "messages": build_messages([], "Hello"), "max_tokens": 1}))
+            done["stats"] = answer(engine, client.get(engine.url + "/v1/kv/stats"))
+    except httpx.HTTPError as err:
+        raise EngineError(f"The {engine.name} engine at {engine.url} did not answer ({type(err).__name__}: "
+                          f"{err}); see {engine.log}.") from err
     return done
+
+
+def answer(engine: Engine, r: httpx.Response) -> dict:
+    """The JSON of a 200 answer; anything else as an EngineError with the engine's own message."""
+    if r.status_code == 200:
+        return r.json()
+    try:
+        message = r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = r.text[:300]
+    raise EngineError(f"The {engine.name} engine refused {r.request.method} {r.request.url.path} "
+                      f"({r.status_code}): {message} See {engine.log}.")
 
 
 def request(engine: Engine, model: str, chunks: list[str], question: str,

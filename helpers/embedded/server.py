@@ -3,27 +3,38 @@
     python -m helpers.embedded.server --mode blend --port 8000
 
 Requests run one at a time on the model, in a worker thread, so /health answers while a request
-runs; a client that disconnects mid-stream frees the model at the next token. Bad input gets an
-OpenAI-style JSON error with a 4xx status. Extra endpoints for the notebooks: GET /v1/kv/stats,
-POST /v1/kv/precompute {"texts": [...]}, POST /v1/kv/clear.
+runs; a client that disconnects (streaming or not) frees the model at the next token. At most
+`--max-queue` requests wait for the model; more get a 429 with Retry-After. Every error, bad input or
+not, is OpenAI-style JSON and never repeats a large input back. Extra endpoints for the notebooks:
+GET /v1/kv/stats, POST /v1/kv/precompute {"texts": [...]}, POST /v1/kv/clear.
+
+A local server is reachable from any web page the user visits, so `Guard` turns away requests whose
+Host is not loopback (DNS rebinding) or whose Origin is a foreign site, POSTs that are not JSON (a
+page's "simple" requests need no preflight), bodies over `--max-body-bytes`, and, with `--api-key`
+(or KVBLEND_API_KEY), /v1 requests without `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..settings import BLEND, BlendSettings
 from .blend import ContextTooLong
@@ -31,26 +42,117 @@ from .generate import Generator
 from .generate import Request as GenRequest
 
 MAX_LOGPROBS = 20
+MAX_BODY_BYTES = 4 << 20  # a full 8K-token prompt is well under 1 MB of JSON
+MAX_QUEUE = 16  # requests running or waiting for the model; more get a 429
+MAX_TEXTS = 32  # chunk texts per precompute request
+MAX_STOP_CHARS = 200  # per stop string (the decoder holds back that many characters)
+CHARS_PER_TOKEN = 32  # no real text is longer per token: a longer prompt is refused untokenized
+ECHO = 80  # characters of a user's value that an error message repeats
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def clip(value, n: int = ECHO) -> str:
+    """repr(value), cut to n characters: errors never echo a large input back."""
+    r = repr(value)
+    return r if len(r) <= n else f"{r[:n]}... ({len(r)} characters)"
 
 
 class BadRequest(Exception):
     """A request that validated but cannot be served (unknown model, too long): an OpenAI-style error."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str = "invalid_value", type_: str = "invalid_request_error"):
+                 code: str = "invalid_value", type_: str = "invalid_request_error",
+                 headers: dict | None = None):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.type = message, param, status, code, type_
+        self.headers = headers
 
 
 def error_response(e: BadRequest) -> JSONResponse:
     body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status)
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+# ------------------------------------------------------------------ local-server hygiene
+def hostname(netloc: str) -> str:
+    """"127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
+    return (urlsplit("//" + netloc).hostname or "") if netloc else ""
+
+
+class Guard:
+    """ASGI middleware: the checks every request passes before any route runs (see the module doc)."""
+
+    def __init__(self, app, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+                 hosts: frozenset = frozenset(LOOPBACK)):
+        self.app, self.api_key, self.max_body, self.hosts = app, api_key, max_body, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self.check(scope["method"], scope["path"], Headers(scope=scope))
+        if problem:
+            return await error_response(problem)(scope, receive, send)
+        await self.app(scope, self.limited(receive), send)
+
+    def check(self, method: str, path: str, h: Headers) -> BadRequest | None:
+        if "host" in h and hostname(h["host"]) not in self.hosts:
+            return BadRequest(f"Host {clip(h['host'])} is not this local server's: only loopback names "
+                              "are served (this blocks DNS rebinding).", status=403, code="forbidden_host")
+        origin = h.get("origin")
+        if origin is not None and (urlsplit(origin).scheme not in ("http", "https")
+                                   or hostname(urlsplit(origin).netloc) not in self.hosts):
+            return BadRequest(f"Requests from the web page {clip(origin)} are refused: only local "
+                              "clients may drive this engine.", status=403, code="forbidden_origin")
+        if self.api_key and path.startswith("/v1/"):
+            given = h.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return BadRequest("Missing or wrong API key: send 'Authorization: Bearer <key>' with the "
+                                  "key the engine was started with (KVBLEND_API_KEY).", status=401,
+                                  code="invalid_api_key")
+        if method == "POST" and h.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return BadRequest("POST bodies must be JSON: send 'Content-Type: application/json'.",
+                              status=415, code="unsupported_media_type")
+        if int(h.get("content-length") or 0) > self.max_body:
+            return too_large(self.max_body)
+        return None
+
+    def limited(self, receive):
+        """`receive`, counting the body: a chunked body over the limit stops being read there."""
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413, too_large(self.max_body).message)
+            return message
+        return wrapped
+
+
+def too_large(limit: int) -> BadRequest:
+    return BadRequest(f"The request body is over {limit} bytes; send less text per request.", status=413,
+                      code="request_too_large")
 
 
 # ------------------------------------------------------------------ request models
 # Strict: "5" is no integer and true is no number, as in OpenAI's API. A validator that knows better
 # than pydantic's message raises PydanticCustomError with the OpenAI error code as its type.
 CODES = ("invalid_value", "invalid_type", "invalid_json")
+
+
+def _unicode(v: str) -> str:
+    """A lone surrogate ("\\ud800") is valid JSON but no text: the tokenizer cannot take it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = {"bad": clip(e.object[e.start]), "at": e.start}
+        raise PydanticCustomError("invalid_value", "The text holds a lone surrogate ({bad}) at index {at}: "
+                                  "not valid Unicode.", where) from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Strict(BaseModel):
@@ -64,11 +166,11 @@ class StreamOptions(Strict):
 class Common(Strict):
     """What completions and chat completions share."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)  # the upper bound is the model's context: checked later
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     n: int = Field(1, ge=1, le=1, description="only n = 1 is supported")
     stop: list[str] = []
     stream: bool = False
@@ -84,15 +186,16 @@ class Common(Strict):
     @classmethod
     def _stop(cls, v):
         if isinstance(v, str):
-            return [v]
-        if isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and s for s in v):
-            return v
-        raise PydanticCustomError("invalid_value",
-                                  "'stop' must be a string or a list of up to 4 non-empty strings.")
+            v = [v]
+        if isinstance(v, list) and len(v) <= 4 and all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v):
+            return [_unicode(s) for s in v]
+        raise PydanticCustomError("invalid_value", "'stop' must be a string or a list of up to 4 "
+                                  f"non-empty strings of at most {MAX_STOP_CHARS} characters.")
 
 
 class CompletionRequest(Common):
-    prompt: str
+    prompt: Text
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt", mode="before")
@@ -110,7 +213,7 @@ class CompletionRequest(Common):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
     @field_validator("content", mode="before")
     @classmethod
@@ -146,7 +249,7 @@ class ChatRequest(Common):
 
 
 class PrecomputeRequest(Strict):
-    texts: list[str]  # chunk texts
+    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)  # chunk texts
 
 
 def validation_error(exc: RequestValidationError) -> BadRequest:
@@ -164,7 +267,7 @@ def validation_error(exc: RequestValidationError) -> BadRequest:
     if kind in CODES:
         return BadRequest(err["msg"], param, code=kind)
     code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
-    return BadRequest(f"'{param}': {err['msg']}, got {err.get('input')!r}", param, code=code)
+    return BadRequest(f"'{param}': {err['msg']}, got {clip(err.get('input'))}", param, code=code)
 
 
 # ------------------------------------------------------------------ the app
@@ -173,28 +276,70 @@ def sse(data) -> bytes:
     return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
 
 
-def create_app(gen: Generator) -> FastAPI:
+class Admission:
+    """At most `limit` requests running or waiting for the model; the next one gets a 429 at once
+    rather than a wait no client would sit through."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self._lock = limit, 0, threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.count >= self.limit:
+                raise BadRequest(f"The engine is busy: {self.count} requests are running or waiting. "
+                                 "Retry in a few seconds.", status=429, code="queue_full",
+                                 type_="rate_limit_error", headers={"Retry-After": "5"})
+            self.count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+def http_error(e: StarletteHTTPException) -> BadRequest:
+    """Starlette's own errors (404, 405, a body that cannot be parsed, 413) in OpenAI's shape."""
+    if e.status_code == 400 and isinstance(e.__cause__, RecursionError):
+        return BadRequest("The request body is nested too deeply to parse.", code="invalid_json")
+    if e.status_code == 400:
+        return BadRequest(f"The request body could not be parsed: {e.detail}.", code="invalid_json")
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    return BadRequest(str(e.detail), status=e.status_code, code=codes.get(e.status_code, "http_error"),
+                      headers=e.headers)
+
+
+def create_app(gen: Generator, api_key: str | None = None, max_queue: int = MAX_QUEUE,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title=f"kvblend embedded engine ({gen.mode})")
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
     model_lock = threading.Lock()
-    state = {"busy": False, "waiting": 0, "served": 0}
+    admission = Admission(max_queue)
+    state = {"busy": False, "task": None, "served": 0}
+
+    def on_model(fn, task: str):
+        """Run fn holding the model, one task at a time; /health says busy, and with what."""
+        with model_lock:
+            state["busy"], state["task"] = True, task
+            try:
+                return fn()
+            finally:
+                state["busy"], state["task"] = False, None
+                state["served"] += 1
 
     def run_in_worker(req: GenRequest, loop, queue: asyncio.Queue):
         """Run the generator in a thread, one request at a time, posting steps to the event loop."""
+        def generate():
+            if not req.cancelled.is_set():  # its client may have gone while it waited
+                for step in gen.run(req):
+                    loop.call_soon_threadsafe(queue.put_nowait, step)
+
         def work():
-            state["waiting"] += 1
-            with model_lock:
-                state["waiting"] -= 1
-                state["busy"] = True
-                try:
-                    if not req.cancelled.is_set():
-                        for step in gen.run(req):
-                            loop.call_soon_threadsafe(queue.put_nowait, step)
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-                except Exception as e:  # reported to the client as an error event
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
-                finally:
-                    state["busy"] = False
-                    state["served"] += 1
+            try:
+                on_model(generate, "generate")
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except Exception as e:  # reported to the client as an error event
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                admission.leave()
         threading.Thread(target=work, daemon=True).start()
 
     @app.exception_handler(BadRequest)
@@ -205,12 +350,29 @@ def create_app(gen: Generator) -> FastAPI:
     async def _invalid(_, e: RequestValidationError):
         return error_response(validation_error(e))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        path = clip(request.url.path)
+        if e.status_code == 404:
+            e.detail = f"No route {request.method} {path}: see /docs for this engine's API."
+        elif e.status_code == 405:
+            e.detail = f"{request.method} is not allowed on {path}; use {(e.headers or {}).get('Allow')}."
+        return error_response(http_error(e))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        """The last resort: still JSON, and the traceback goes to the engine's log."""
+        return error_response(BadRequest(f"The engine failed ({type(e).__name__}): {clip(str(e), 200)}. "
+                                         "See the engine's log.", status=500, code="engine_error",
+                                         type_="server_error"))
+
     @app.get("/health")
     async def health():
+        waiting = admission.count - state["busy"]
         blend = {"ratio": gen.blend.ratio, "check_layer": gen.blend.check_layer,
                  "deviation": gen.blend.deviation} if gen.mode == "blend" else {}
         return {"status": "ok", "backend": "embedded", "mode": gen.mode, "model": gen.model_name, **blend,
-                **state}
+                **state, "waiting": max(waiting, 0)}
 
     @app.get("/v1/models")
     async def models():
@@ -228,25 +390,46 @@ def create_app(gen: Generator) -> FastAPI:
 
     @app.post("/v1/kv/precompute")
     async def kv_precompute(body: PrecomputeRequest):
-        def work():
-            with model_lock:
-                return [gen.cache_chunk(t) for t in body.texts]
-        return {"results": await asyncio.to_thread(work), **gen.runner.store.stats()}
+        """Every text must fit the context (checked, off the event loop, before any is computed)."""
+        for i, text in enumerate(body.texts):
+            check_chars(len(text), f"texts[{i}]")
+        counts = await asyncio.to_thread(lambda: [len(gen.tok.encode(t, add_special_tokens=False))
+                                                  for t in body.texts])
+        for i, n in enumerate(counts):
+            if n > gen.context_length:
+                raise BadRequest(f"'texts[{i}]' is {n} tokens, over the context of {gen.context_length}: "
+                                 "split it into smaller chunks.", f"texts[{i}]",
+                                 code="context_length_exceeded")
+        admission.enter()
+        try:
+            results = await asyncio.to_thread(on_model, lambda: [gen.cache_chunk(t) for t in body.texts],
+                                              "precompute")
+        finally:
+            admission.leave()
+        return {"results": results, **gen.runner.store.stats()}
+
+    def check_chars(n_chars: int, param: str) -> None:
+        """Refuse a text that cannot fit the context before paying for tokenizing it."""
+        limit = gen.context_length * CHARS_PER_TOKEN
+        if n_chars > limit:
+            raise BadRequest(f"'{param}' is {n_chars} characters: it cannot fit the context of "
+                             f"{gen.context_length} tokens (at most {limit} characters are read).", param,
+                             code="context_length_exceeded")
 
     def gen_request(body: CompletionRequest | ChatRequest, chat: bool) -> GenRequest:
-        """Checks that need the model, then the generator's request (its segments: token ids)."""
-        if body.model != gen.model_name:
-            raise BadRequest(f"The model '{body.model}' does not exist here; this engine serves "
-                             f"'{gen.model_name}'.", "model", status=404, code="model_not_found")
+        """Checks that need the model, then the generator's request (its segments: token ids).
+        Tokenizes: call it off the event loop."""
         ctx = gen.context_length
         max_tokens = body.max_tokens or (body.max_completion_tokens or 256 if chat else 16)
         if max_tokens > ctx:
             raise BadRequest(f"'max_tokens' is out of range: an integer from 1 to {ctx}, got {max_tokens}",
                              "max_tokens")
         if chat:
+            check_chars(sum(len(m.content) for m in body.messages), "messages")
             text = gen.chat_text([m.model_dump() for m in body.messages])
             logprobs = (body.top_logprobs or 1) if body.logprobs else None
         else:
+            check_chars(len(body.prompt), "prompt")
             text, logprobs = body.prompt, body.logprobs
         req = GenRequest(segments=gen.segments(text, chat), max_tokens=max_tokens,
                          temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
@@ -260,8 +443,12 @@ def create_app(gen: Generator) -> FastAPI:
                              "messages" if chat else "prompt", code="context_length_exceeded")
         return req
 
-    async def complete(body: CompletionRequest | ChatRequest, chat: bool):
-        req = gen_request(body, chat)
+    async def complete(request: Request, body: CompletionRequest | ChatRequest, chat: bool):
+        if body.model != gen.model_name:
+            raise BadRequest(f"The model {clip(body.model)} does not exist here; this engine serves "
+                             f"'{gen.model_name}'.", "model", status=404, code="model_not_found")
+        req = await asyncio.to_thread(gen_request, body, chat)
+        admission.enter()
         n_prompt = sum(len(s) for s in req.segments)
         want_logprobs = req.logprobs is not None
         loop = asyncio.get_running_loop()
@@ -318,6 +505,7 @@ def create_app(gen: Generator) -> FastAPI:
             return EventSourceResponse(events())
 
         steps = []
+        watch = asyncio.create_task(cancel_when_gone(request, req))
         try:
             while (step := await queue.get()) is not None:
                 if isinstance(step, Exception):
@@ -326,6 +514,7 @@ def create_app(gen: Generator) -> FastAPI:
                 steps.append(step)
         finally:
             req.cancelled.set()
+            watch.cancel()
         text = "".join(st.text for st in steps)
         finish = steps[-1].finish_reason if steps else "stop"
         return {"id": rid, "object": kind, "created": created, "model": gen.model_name,
@@ -337,14 +526,23 @@ def create_app(gen: Generator) -> FastAPI:
         return {k: v for k, v in req.info.items() if k not in ("deviation", "selected")}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await complete(body, chat=False)
+    async def completions(request: Request, body: CompletionRequest):
+        return await complete(request, body, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await complete(body, chat=True)
+    async def chat_completions(request: Request, body: ChatRequest):
+        return await complete(request, body, chat=True)
 
     return app
+
+
+async def cancel_when_gone(request: Request, req: GenRequest, every: float = 0.25) -> None:
+    """A non-streaming client that gave up frees the model as a closed stream does."""
+    while not req.cancelled.is_set():
+        if await request.is_disconnected():
+            req.cancelled.set()
+            return
+        await asyncio.sleep(every)
 
 
 def completion_logprobs(steps) -> dict:
@@ -376,10 +574,16 @@ def main(argv=None):
     ap.add_argument("--deviation", choices=["v", "k"], default=BLEND.deviation)
     ap.add_argument("--cache-bytes", type=float, default=4e9, help="in-memory chunk KV budget")
     ap.add_argument("--cache-dir", default=None, help="directory that keeps chunk KV across restarts")
+    ap.add_argument("--cache-disk-bytes", type=float, default=8e9, help="disk budget of --cache-dir")
+    ap.add_argument("--api-key", default=os.environ.get("KVBLEND_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: $KVBLEND_API_KEY)")
+    ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests running or waiting")
+    ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     args = ap.parse_args(argv)
     gen = Generator(args.model, args.mode, BlendSettings(args.ratio, args.check_layer, args.deviation),
-                    int(args.cache_bytes), args.cache_dir)
-    uvicorn.run(create_app(gen), host=args.host, port=args.port, log_level="info")
+                    int(args.cache_bytes), args.cache_dir, int(args.cache_disk_bytes))
+    app = create_app(gen, args.api_key, args.max_queue, args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -221,14 +221,15 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
     yaml_path = runtime.RUN_DIR / "lmcache-blend.yaml"
     yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
     path = os.pathsep.join([str(runtime.ROOT), *plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
+    key = {"VLLM_API_KEY": runtime.api_key()} if runtime.api_key() else {}  # vllm serve's --api-key
     opts = dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 load_format=load_format, dtype=dtype, architecture=architecture)
     return [
         Engine("blend", blend_port, "vllm", vllm_command(model, blend_port, host, blend=True, **opts),
-               {**BASE_ENV, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": blend_gpu,
+               {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": blend_gpu,
                 "LMCACHE_CONFIG_FILE": str(yaml_path)}, host=host, model=model),
         Engine("full", full_port, "vllm", vllm_command(model, full_port, host, blend=False, **opts),
-               {**BASE_ENV, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": full_gpu,
+               {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": full_gpu,
                 "LMCACHE_CONFIG_FILE": ""}, host=host, model=model),
     ]
 
@@ -248,7 +249,7 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
     from tqdm.auto import tqdm
 
     t0, tokens = time.perf_counter(), 0
-    with httpx.Client(timeout=600) as client:
+    with httpx.Client(timeout=600, headers=runtime.auth_headers()) as client:
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
         for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
