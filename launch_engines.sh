@@ -3,6 +3,7 @@
 #   blend engine (reuses cached chunk KV) on http://127.0.0.1:8000/v1
 #   full  engine (plain prefill)          on http://127.0.0.1:8001/v1
 # Usage: ./launch_engines.sh [--backend auto|embedded|vllm] [--model PATH] [--blend-port N] [--full-port N]
+#        ./launch_engines.sh --docs DIR   (also your .txt/.md files in DIR, next to ffmpeg/)
 #        ./launch_engines.sh status | stop
 # Logs and pid files live in .engines/. See `python -m helpers.engines --help` for every option.
 set -euo pipefail

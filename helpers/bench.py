@@ -2,6 +2,7 @@
 
     python -m helpers.bench blend    # in-process: full prefill vs blend vs full reuse, TTFT + fidelity
     python -m helpers.bench engines  # against the running engines on :8000 / :8001, over HTTP
+    python -m helpers.bench rag      # a RAG trace: QA questions in sequence, each with its own top-k
 
 Absolute times depend on the machine; read the ratios.
 """
@@ -124,9 +125,29 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=None, log=print) -> dict:
+    """BM25 recall@k over every QA question, then a RAG trace of the first `n_questions` on the running
+    engines; returns {"recall_at_k", "rows", "summary"}."""
+    from . import engines as eng
+    from . import rag
+    from .retrieval import build_retriever
+
+    qa = corpus.load_qa()
+    retriever = build_retriever()
+    hits = sum(q["chunk"] in names for q, names in zip(qa, rag.plan(qa, retriever, k), strict=True))
+    log(f"BM25 recall@{k} over the {len(qa)} QA questions: {hits / len(qa):.1%}")
+    engines = engines or (eng.find("blend"), eng.find("full"))
+    log(f"\nRAG trace: {n_questions} questions, top {k} chunks each, {max_tokens} tokens per answer")
+    log(rag.HEADER)
+    rows = rag.run_trace(engines, n_questions, k, max_tokens, log=log)
+    summary = rag.summarize(rows, {m["name"]: m["tokens"] for m in corpus.load_manifest()})
+    log("\n" + rag.format_summary(summary))
+    return {"recall_at_k": hits / len(qa), "rows": rows, "summary": summary}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["blend", "engines"])
+    ap.add_argument("what", choices=["blend", "engines", "rag"])
     ap.add_argument("--sizes", default=None, help="comma-separated context sizes in tokens")
     ap.add_argument("--prompts", type=int, default=20, help="blend: prompts per size")
     ap.add_argument("--repeats", type=int, default=5, help="engines: queries per size")
@@ -134,6 +155,11 @@ def main(argv=None) -> None:
     ap.add_argument("--check-layer", type=int, default=BLEND.check_layer)
     ap.add_argument("--deviation", default=BLEND.deviation, help="v, k, or v,k to compare both")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--questions", type=int, default=20, help="rag: questions in the trace")
+    ap.add_argument("-k", type=int, default=4, help="rag: chunks retrieved per question")
+    ap.add_argument("--max-tokens", type=int, default=16, help="rag: answer length")
+    ap.add_argument("--blend-port", type=int, default=None, help="rag: the blend engine's port")
+    ap.add_argument("--full-port", type=int, default=None, help="rag: the full engine's port")
     args = ap.parse_args(argv)
     if args.what == "blend":
         from .embedded.blend import ModelRunner
@@ -147,6 +173,11 @@ def main(argv=None) -> None:
                   f"{args.prompts} reordered prompts per size, warm chunk cache")
             print(BLEND_HEADER)
             bench_blend(runner, sizes, args.prompts, args.ratio, args.check_layer, dev)
+    elif args.what == "rag":
+        from . import engines as eng
+
+        bench_rag(args.questions, args.k, args.max_tokens,
+                  (eng.find("blend", args.blend_port), eng.find("full", args.full_port)))
     else:
         sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
         rows = sweep_engines(sizes, args.repeats)

@@ -24,6 +24,7 @@ from .runtime import Engine, api_key
 class Answer:
     engine: str
     text: str = ""
+    first_token: str | None = None  # the first content piece: compared across engines
     ttft_s: float | None = None
     total_s: float | None = None
     n_tokens: int = 0
@@ -75,6 +76,7 @@ def stream_answer(e: Engine, chunks: list[str], question: str, max_tokens: int =
             if piece:
                 if ans.ttft_s is None:
                     ans.ttft_s = time.perf_counter() - t0
+                    ans.first_token = piece
                 ans.text += piece
                 ans.n_tokens += 1
                 if on_update:

@@ -1,7 +1,7 @@
 """Start, find and stop the two engines: `blend` (reuses cached chunk KV) on :8000 and `full` (plain
 prefill) on :8001, on either backend.
 
-    python -m helpers.engines start [--backend auto|embedded|vllm] [--model PATH]
+    python -m helpers.engines start [--backend auto|embedded|vllm] [--model PATH] [--docs DIR]
     python -m helpers.engines status | stop
 
 Each engine is a subprocess in its own process group with its log in `.engines/<name>.log` and a pid
@@ -273,16 +273,30 @@ def precompute(e: Engine, texts: list[str], progress: bool = True) -> dict:
     return backend(e.backend).precompute(e, texts, progress=progress)
 
 
-def warm(e: Engine) -> None:
-    """Precompute the corpus's chunk KV; a failure leaves the (healthy) engines running and says so."""
-    from .corpus import load_chunks
-
+def warm(e: Engine, texts: list[str]) -> None:
+    """Precompute the chunks' KV; a failure leaves the (healthy) engines running and says so."""
     try:
-        res = precompute(e, list(load_chunks().values()))
+        res = precompute(e, texts)
     except EngineError as err:
         raise EngineError(f"{err}\nThe engines are running but the chunk KV cache is not warm: run "
                           "`./launch_engines.sh` again to retry, or `./launch_engines.sh stop`.") from err
     print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
+
+
+def load_library(docs: str | None):
+    """The chunks to precompute: ffmpeg/ plus the documents in `docs`, with skipped files as notes.
+    Raises DocumentsError for a folder that gives no chunks."""
+    import warnings
+
+    from . import library
+    from .documents import DocumentsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DocumentsWarning)
+        lib = library.load(docs)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return lib
 
 
 def main(argv=None) -> int:
@@ -294,6 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full-port", type=int, default=PORTS["full"])
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--no-precompute", action="store_true", help="skip warming the chunk KV cache")
+    ap.add_argument("--docs", metavar="DIR", default=None,
+                    help="also serve your own .txt/.md files in DIR: chunked, precomputed on the blend "
+                         "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
     ap.add_argument("--ratio", type=float, default=BLEND.ratio,
                     help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
@@ -304,6 +321,9 @@ def main(argv=None) -> int:
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
     args = ap.parse_args(argv)
     if args.action == "stop":
+        from .library import record_docs
+
+        record_docs(None)
         stopped = stop(ports={"blend": args.blend_port, "full": args.full_port})
         print("stopped: " + ", ".join(stopped) if stopped else "no engines were running")
         return 0
@@ -314,6 +334,14 @@ def main(argv=None) -> int:
     if not 0 < args.ratio <= 1 or args.check_layer < 0:
         print("error: --ratio must be in (0, 1] and --check-layer >= 0", file=sys.stderr)
         return 2
+    from .documents import DocumentsError
+    from .library import record_docs
+
+    try:  # a bad folder stops here, before any engine is touched
+        lib = load_library(args.docs)
+    except DocumentsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     kw = {"ratio": args.ratio, "check_layer": args.check_layer}
     if args.load_format:
         kw["load_format"] = args.load_format
@@ -321,8 +349,11 @@ def main(argv=None) -> int:
         kw["kv_dir"] = None
     try:
         engines = start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
+        record_docs(lib.docs)
+        if args.docs:
+            print(f"your documents: {len(lib.doc_names())} chunks from {lib.docs}")
         if not args.no_precompute:
-            warm(engines[0])
+            warm(engines[0], list(lib.texts.values()))
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

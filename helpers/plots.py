@@ -182,6 +182,30 @@ def speedup(summary: list[dict], gpu: list[dict] | None = None) -> go.Figure:
                    yaxis_title="speed-up (x)", yaxis_rangemode="tozero")
 
 
+def rag_trace(rows: list[dict]) -> go.Figure:
+    """A RAG trace (rows from `rag.run_trace`): TTFT of both engines per question, and the time to
+    first token that blending saved, added up over the trace."""
+    x = [r["n"] for r in rows]
+    hover = [f"{r['question'][:60]}<br>{', '.join(r['retrieved'])}" for r in rows]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.6, 0.4],
+                        subplot_titles=("TTFT per question (each retrieves its own top-k chunks)",
+                                        "time to first token saved, cumulative"))
+    for e in ("full", "blend"):
+        fig.add_scatter(x=x, y=[r[f"{e}_ttft_s"] for r in rows], name=LABELS[e], mode="lines+markers",
+                        line_color=COLORS[e], customdata=hover, row=1, col=1,
+                        hovertemplate="#%{x}: %{customdata}<br>TTFT %{y:.2f} s<extra></extra>")
+    saved, total = [], 0.0
+    for r in rows:
+        total += r["full_ttft_s"] - r["blend_ttft_s"]
+        saved.append(total)
+    fig.add_scatter(x=x, y=saved, name="saved by blending", mode="lines", fill="tozeroy",
+                    line_color=COLORS["blend"], row=2, col=1)
+    fig.update_yaxes(title_text="TTFT (s)", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="seconds", row=2, col=1)
+    fig.update_xaxes(title_text="question #", row=2, col=1)
+    return _layout(fig, "A RAG trace: blend vs full prefill", height=520)
+
+
 GPU_COLUMNS = {  # our name: accepted spellings in docs/h200_ttft.csv
     "model": ("model", "model_shape", "shape"),
     "tokens": ("tokens", "prompt_tokens", "context_tokens", "n_tokens"),

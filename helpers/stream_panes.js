@@ -16,6 +16,7 @@ function render({ model, el: host }) {
         <span class="kvb-state" data-testid="state-${name}"></span>
         <span class="kvb-ttft" data-testid="ttft-${name}"></span>
         <span class="kvb-tps" data-testid="tps-${name}"></span>
+        <span class="kvb-reuse" data-testid="reuse-${name}"></span>
       </div>
       <div class="kvb-error" data-testid="error-${name}"></div>
       <pre class="kvb-text" data-testid="text-${name}"></pre>`;
@@ -32,6 +33,7 @@ function render({ model, el: host }) {
       v.querySelector(".kvb-state").textContent = p.state;
       v.querySelector(".kvb-ttft").textContent = `TTFT ${fmt(p.ttft_s, "s", 2)}`;
       v.querySelector(".kvb-tps").textContent = `${fmt(p.tokens_per_s, "tok/s", 1)}`;
+      v.querySelector(".kvb-reuse").textContent = p.reuse || "";
       v.querySelector(".kvb-error").textContent = p.error || "";
       v.querySelector(".kvb-text").textContent = p.text;
     }

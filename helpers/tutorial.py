@@ -5,15 +5,34 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from . import engines as eng
+from . import library
 from .runtime import PORTS, Engine, EngineError, health
 
 
 def connect(backend: str = "auto", blend_port: int = PORTS["blend"], full_port: int = PORTS["full"],
-            start: bool = True, timeout: float = 600) -> tuple[Engine, Engine]:
+            start: bool = True, timeout: float = 600,
+            docs: str | Path | None = None) -> tuple[Engine, Engine]:
     """The blend and full engines: the ones already answering on these ports (`make lab` and
-    `./launch_engines.sh` start them), else started now in the background when `start` is set."""
+    `./launch_engines.sh` start them), else started now in the background when `start` is set.
+
+    With `docs`, a folder of your own .txt/.md files, their chunks' KV is precomputed on the blend
+    engine, and pickers made after this offer them next to ffmpeg/ (`library.current()`). A folder
+    that gives no chunks raises `DocumentsError` before any engine is touched."""
+    lib = library.load(docs) if docs is not None else None
+    engines = _find_or_start(backend, blend_port, full_port, start, timeout)
+    if lib is not None:
+        mine = lib.doc_names()
+        print(f"your documents: {len(mine)} chunks from {lib.docs}")
+        eng.precompute(engines[0], [lib.texts[n] for n in mine])
+        library.record_docs(lib.docs)
+    return engines
+
+
+def _find_or_start(backend: str, blend_port: int, full_port: int, start: bool,
+                   timeout: float) -> tuple[Engine, Engine]:
     found = [_answering(name, port) for name, port in (("blend", blend_port), ("full", full_port))]
     if all(found):
         for e in found:

@@ -23,8 +23,10 @@ import anywidget
 import ipywidgets as w
 import traitlets as t
 
-from . import client, corpus, plots
+from . import client, plots
 from . import engines as eng
+from . import library as lib
+from .retrieval import Retriever
 from .runtime import Engine
 from .settings import BLEND
 
@@ -35,7 +37,8 @@ PANES_JS, PANES_CSS = HERE / "stream_panes.js", HERE / "stream_panes.css"
 
 # ------------------------------------------------------------------ chunk picker
 class ChunkPicker(anywidget.AnyWidget):
-    """Pick chunks from the ffmpeg/ corpus and put them in prompt order.
+    """Pick chunks from the library (the ffmpeg/ corpus and your documents, see helpers.library) and
+    put them in prompt order.
 
     `order` (chunk names, first chunk first) is the API: the browser writes it on every tick or
     drag, and code may set it. `tokens` is the sum of the picked chunks' token counts, computed here
@@ -47,9 +50,9 @@ class ChunkPicker(anywidget.AnyWidget):
     order = t.List(t.Unicode()).tag(sync=True)
     tokens = t.Int(0).tag(sync=True)
 
-    def __init__(self, order: Sequence[str] = (), **kw):
-        library = [{k: m[k] for k in ("name", "title", "tokens")} for m in corpus.load_manifest()]
-        super().__init__(chunks=library, **kw)
+    def __init__(self, order: Sequence[str] = (), library: lib.Library | None = None, **kw):
+        self.library = library or lib.current()
+        super().__init__(chunks=self.library.entries, **kw)
         if isinstance(order, str):
             raise TypeError(f"order is a list of chunk names, e.g. [{order!r}], not a string")
         self.order = list(order)
@@ -59,8 +62,8 @@ class ChunkPicker(anywidget.AnyWidget):
         names = list(dict.fromkeys(proposal["value"]))  # a chunk appears once
         unknown = sorted(set(names) - {c["name"] for c in self.chunks})
         if unknown:
-            raise t.TraitError(f"Unknown chunk(s) {unknown}: use names from corpus.load_manifest(), "
-                               "e.g. 'filter_scale'.")
+            raise t.TraitError(f"Unknown chunk(s) {unknown}: use names from picker.library.texts "
+                               "(corpus.load_manifest() lists the ffmpeg/ ones), e.g. 'filter_scale'.")
         return names
 
     @t.observe("order")
@@ -70,7 +73,7 @@ class ChunkPicker(anywidget.AnyWidget):
 
     def texts(self) -> list[str]:
         """The picked chunks' texts, in prompt order."""
-        return [corpus.load_chunk(n) for n in self.order]
+        return [self.library.texts[n] for n in self.order]
 
 
 # ------------------------------------------------------------------ streaming panes
@@ -79,7 +82,17 @@ PANE_LABELS = {"blend": "blend: reuses cached chunk KV", "full": "full prefill"}
 
 def _pane(name: str, url: str = "") -> dict:
     return {"name": name, "label": PANE_LABELS.get(name, name), "url": url, "state": "idle", "text": "",
-            "ttft_s": None, "tokens_per_s": None, "n_tokens": 0, "error": None}
+            "ttft_s": None, "tokens_per_s": None, "n_tokens": 0, "error": None, "reuse": ""}
+
+
+def reuse_line(info: dict) -> str:
+    """What the engine did with the prompt's tokens, from its `x_blend` report (empty if none)."""
+    n, recomputed = info.get("n_tokens"), info.get("n_recomputed")
+    if n is None:
+        return ""
+    if recomputed is None:  # a full prefill computes every token
+        return f"computed all {n} tokens"
+    return f"reused {n - recomputed} · recomputed {recomputed} of {n} tokens"
 
 
 class StreamPanes(anywidget.AnyWidget):
@@ -113,7 +126,7 @@ class StreamPanes(anywidget.AnyWidget):
         """Record the answer's current state; send it now if it is the first token, the end, or
         the last send was more than 1/hz ago. Otherwise a later call carries it."""
         new = {"text": ans.text, "ttft_s": ans.ttft_s, "tokens_per_s": ans.tokens_per_s,
-               "n_tokens": ans.n_tokens, "error": ans.error,
+               "n_tokens": ans.n_tokens, "error": ans.error, "reuse": reuse_line(ans.info),
                "state": "error" if ans.error else "done" if ans.done else "streaming"}
         with self._lock:
             old = self._pending.get(ans.engine) or self._get(ans.engine)
@@ -148,19 +161,39 @@ def summary(answers: dict[str, client.Answer]) -> str:
     return f"Full prefill answered first this time: TTFT {f.ttft_s:.2f} s vs {b.ttft_s:.2f} s."
 
 
+def agreement(answers: dict[str, client.Answer]) -> str:
+    """Whether the two answers agree: blending should change the speed, not the answer."""
+    b, f = answers.get("blend"), answers.get("full")
+    if not (b and f) or b.error or f.error:
+        return ""
+    if b.text.strip() == f.text.strip():
+        return "Both answers are the same."
+    if b.first_token == f.first_token:
+        return "The answers start with the same token, then differ."
+    return "The answers differ from the first token on."
+
+
 # ------------------------------------------------------------------ the quick-start app
 class CompareApp(w.VBox):
-    """Picker, question box, the two streaming panes and a live TTFT chart.
+    """Picker, question box, retrieve toggle, the two streaming panes and a live TTFT chart.
 
-    `ask(question)` is the scripted path and the button's action alike: it precomputes the picked
-    chunks' KV on the blend engine (a no-op once cached), asks both engines at the same time and
-    adds the question's TTFTs to `history` and to the live chart."""
+    `ask(question)` is the scripted path and the button's action alike. With the retrieve toggle on,
+    a new question first puts its top-k chunks (BM25 over the picker's library) into the picker in
+    score order; asking the same question again keeps the order the user dragged. Then it
+    precomputes the picked chunks' KV on the blend engine (a no-op once cached), asks both engines at
+    the same time and adds the question's TTFTs to `history` and to the live chart."""
 
     def __init__(self, engines: Sequence[Engine], picker: ChunkPicker | None = None,
-                 question: str = "", max_tokens: int = 48):
+                 question: str = "", max_tokens: int = 48, retrieve: bool = True, k: int = 4):
         self.engines = tuple(engines)
         self.picker = picker or ChunkPicker()
         self.max_tokens = max_tokens
+        self.k = k
+        self.retriever = Retriever(self.picker.library.texts)
+        self.retrieve = w.Checkbox(value=retrieve, indent=False, layout=w.Layout(width="auto"),
+                                   description=f"retrieve the top {k} chunks for the question")
+        self.retrieve.add_class("kvb-retrieve")
+        self._retrieved_for: str | None = None
         self.question = w.Text(value=question, placeholder="Ask a question about the picked chunks",
                                layout=w.Layout(width="70%"))
         self.question.add_class("kvb-question")
@@ -173,7 +206,8 @@ class CompareApp(w.VBox):
         self.chart_box.add_class("kvb-ttft-chart")
         self.history: list[dict] = []
         self._busy = threading.Lock()
-        super().__init__([self.picker, w.HBox([self.question, self.button]), self.panes, self.chart_box])
+        super().__init__([self.picker, w.HBox([self.question, self.button]), self.retrieve, self.panes,
+                          self.chart_box])
 
     def ask(self, question: str | None = None) -> dict[str, client.Answer]:
         """Ask both engines about the picked chunks; blocks until both answers are complete."""
@@ -182,11 +216,14 @@ class CompareApp(w.VBox):
         q = self.question.value.strip()
         if not q:
             raise ValueError("Type a question first (or pass one: app.ask('...')).")
-        if not self.picker.order:
-            raise ValueError("Pick at least one chunk: tick it in the library, or set picker.order.")
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("Still answering the previous question; wait for it to finish.")
         try:
+            retrieved = self._retrieve(q)
+            if not self.picker.order:
+                raise ValueError("Pick at least one chunk: tick it in the library, or set picker.order"
+                                 + (" (the retriever found no chunk sharing a word with the question)."
+                                    if self.retrieve.value else "."))
             self.button.disabled = True
             order, tokens, chunks = list(self.picker.order), self.picker.tokens, self.picker.texts()
             self.panes.reset("computing chunk KV")
@@ -195,15 +232,26 @@ class CompareApp(w.VBox):
             answers = client.ask_both(chunks, q, self.max_tokens, on_update=self.panes.update,
                                       engines=self.engines)
             note = warm_error if warm_error and not answers["blend"].error else ""
-            self.panes.summary = summary(answers) + (f" Note: {note}" if note else "")
+            line = " ".join(filter(None, [summary(answers), agreement(answers)]))
+            self.panes.summary = line + (f" Note: {note}" if note else "")
             record = {"n": len(self.history) + 1, "question": q, "order": order, "tokens": tokens,
-                      **{name: answer_record(a) for name, a in answers.items()}}
+                      "retrieved": retrieved, **{name: answer_record(a) for name, a in answers.items()}}
             self.history.append(record)
             plots.add_ttft(self.chart, record)
             return answers
         finally:
             self.button.disabled = False
             self._busy.release()
+
+    def _retrieve(self, question: str) -> bool:
+        """With the toggle on and a new question: its top-k chunks into the picker, best first."""
+        if not self.retrieve.value or question == self._retrieved_for:
+            return False
+        names = [name for name, _ in self.retriever.search(question, self.k)]
+        self._retrieved_for = question
+        if names:
+            self.picker.order = names
+        return bool(names)
 
     def _warm(self, chunks: list[str]) -> str | None:
         """Compute the chunks' KV on the blend engine before timing anything; the engines launched
@@ -237,8 +285,9 @@ class CompareApp(w.VBox):
 
 def answer_record(a: client.Answer) -> dict:
     """The JSON-able part of an Answer."""
-    return {"text": a.text, "ttft_s": a.ttft_s, "tokens_per_s": a.tokens_per_s, "n_tokens": a.n_tokens,
-            "prompt_tokens": a.prompt_tokens, "error": a.error}
+    return {"text": a.text, "first_token": a.first_token, "ttft_s": a.ttft_s, "tokens_per_s": a.tokens_per_s,
+            "n_tokens": a.n_tokens, "prompt_tokens": a.prompt_tokens, "error": a.error,
+            "n_recomputed": a.info.get("n_recomputed")}
 
 
 # ------------------------------------------------------------------ notebook 02: the ratio slider

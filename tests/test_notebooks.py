@@ -103,7 +103,10 @@ def test_01_quickstart(engine_ports):
                       QUESTION="What range of compression levels does the FLAC encoder accept?")
     assert res["backend"] == "embedded"
     first, second = res["history"]
-    assert second["order"] == first["order"][::-1]  # the scripted drag
+    assert first["retrieved"] and first["order"][0] == "encoder_flac"  # the question's top chunk first
+    assert len(first["order"]) == 2  # TOP_K: as many chunks as CHUNKS holds
+    assert not second["retrieved"] and second["order"] == first["order"][::-1]  # the scripted drag
+    assert 0 < first["blend"]["n_recomputed"] < first["blend"]["prompt_tokens"]  # reused the rest
     for rec in (first, second):
         for e in ("blend", "full"):
             assert rec[e]["error"] is None and rec[e]["text"].strip(), rec
@@ -131,13 +134,15 @@ def test_03_benchmark(engine_ports, tmp_path):
     gpu_csv.write_text("model_shape,gpus,target_tokens,prompt_tokens,full_ttft_ms,blend_ttft_ms,speedup\n"
                        "7b,2x H200,4000,4100,310.5,120.2,2.58\n7b,2x H200,8000,8150,720.0,210.0,3.43\n")
     res, nb = execute("03_benchmark.ipynb", **engine_ports, SIZES=[500, 1500], REPEATS=2, CSV_PATH=str(csv),
-                      GPU_CSV=str(gpu_csv))
+                      GPU_CSV=str(gpu_csv), TRACE_QUESTIONS=3, TRACE_MAX_TOKENS=4)
     assert res["backend"] == "embedded"
     assert res["speedup_largest"] > 1, res
     assert [s["tokens"] for s in res["summary"]] == sorted(s["tokens"] for s in res["summary"])
     assert len(csv.read_text().strip().splitlines()) == 1 + 2 * 2 * 2  # header + size x repeat x engine
     assert res["gpu_rows"] == 2
-    assert len(outputs(nb, PLOTLY)) >= 3  # TTFT boxes, speed-up (with the GPU line), GPU TTFT
+    assert res["recall_at_k"] >= 0.85  # BM25 top-4 over every QA question
+    assert res["rag"]["questions"] == 3 and res["rag"]["mean_reuse"] > 0.5, res["rag"]
+    assert len(outputs(nb, PLOTLY)) >= 4  # TTFT boxes, speed-up (with the GPU line), GPU TTFT, RAG trace
 
 
 # ------------------------------------------------------------------ committed notebooks

@@ -16,6 +16,12 @@ from helpers.metrics import f1
 TOKENS = {m["name"]: m["tokens"] for m in corpus.load_manifest()}
 
 
+@pytest.fixture(autouse=True)
+def no_recorded_docs(tmp_path, monkeypatch):
+    """Pickers offer the ffmpeg/ chunks only, whatever documents a user's running engines hold."""
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)
+
+
 # ------------------------------------------------------------------ chunk picker
 def test_picker_order_drives_token_count():
     p = widgets.ChunkPicker()
@@ -155,7 +161,8 @@ def test_app_ask_records_history_and_grows_chart(monkeypatch):
 
     monkeypatch.setattr(client, "ask_both", fake_ask_both)
     monkeypatch.setattr(eng, "precompute", lambda e, texts, progress=True: {})
-    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(order=["filter_crop"]))
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(order=["filter_crop"]),
+                             retrieve=False)
     app.ask("What does crop do?")
     app.picker.order = ["filter_crop", "filter_scale"]
     app.ask("And scale?")
@@ -168,6 +175,81 @@ def test_app_ask_records_history_and_grows_chart(monkeypatch):
     assert not app.button.disabled
     fig = plots.ttft_history(app.history)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
+
+
+def fake_engines(monkeypatch, asked: list):
+    """ask_both answers at once, the blend engine reporting its reuse; `asked` gets the chunk texts."""
+    def fake_ask_both(chunks, question, max_tokens, on_update, engines):
+        asked.append(chunks)
+        out = {}
+        for e, ttft, info in zip(engines, (0.2, 0.9), ({"n_tokens": 1000, "n_recomputed": 150},
+                                                        {"mode": "full", "n_tokens": 1000}), strict=True):
+            a = client.Answer(e.name, text="It is 1935.", first_token="It", ttft_s=ttft, total_s=1.0,
+                              n_tokens=4, info=info, done=True)
+            on_update(a)
+            out[e.name] = a
+        return out
+
+    monkeypatch.setattr(client, "ask_both", fake_ask_both)
+    monkeypatch.setattr(eng, "precompute", lambda e, texts, progress=True: {})
+
+
+def test_app_retrieves_each_new_question_into_the_picker(monkeypatch):
+    asked = []
+    fake_engines(monkeypatch, asked)
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(order=["encoder_flac"]), k=3)
+    assert app.retrieve.value and "kvb-retrieve" in app.retrieve._dom_classes
+    app.ask("Which TCP port does RTMP use by default?")
+    first = app.picker.order
+    assert first[0] == "protocol_rtmp" and len(first) == 3
+    assert asked[-1] == [corpus.load_chunk(n) for n in first] and app.history[-1]["retrieved"]
+    # the same question again keeps the order the user dragged
+    app.picker.order = list(reversed(first))
+    app.ask("Which TCP port does RTMP use by default?")
+    assert app.picker.order == list(reversed(first)) and not app.history[-1]["retrieved"]
+    # a new question gets its own chunks, in its own order
+    app.ask("What is the default font size of the drawtext filter?")
+    assert app.picker.order[0] == "filter_drawtext" and app.history[-1]["order"] == app.picker.order
+    # the toggle off: the hand-picked chunks stay
+    app.retrieve.value = False
+    app.picker.order = ["filter_crop"]
+    app.ask("Which port does RTSP use?")
+    assert app.picker.order == ["filter_crop"] and asked[-1] == [corpus.load_chunk("filter_crop")]
+
+
+def test_panes_show_reuse_and_agreement(monkeypatch):
+    fake_engines(monkeypatch, [])
+    app = widgets.CompareApp(engines_on_free_ports(), widgets.ChunkPicker(), k=2)
+    app.ask("Which TCP port does RTMP use by default?")
+    panes = {p["name"]: p for p in app.panes.panes}
+    assert panes["blend"]["reuse"] == "reused 850 · recomputed 150 of 1000 tokens"
+    assert panes["full"]["reuse"] == "computed all 1000 tokens"
+    assert app.panes.summary.endswith("Both answers are the same.")
+    assert app.history[-1]["blend"]["n_recomputed"] == 150
+
+
+def test_reuse_line_and_agreement():
+    assert widgets.reuse_line({}) == ""  # an engine that reports nothing (vLLM)
+    a = client.Answer("blend", text="Yes it is", first_token="Yes")
+    b = client.Answer("full", text="Yes, 1935", first_token="Yes")
+    c = client.Answer("full", text="No", first_token="No")
+    assert "same token, then differ" in widgets.agreement({"blend": a, "full": b})
+    assert "differ from the first token" in widgets.agreement({"blend": a, "full": c})
+    assert widgets.agreement({"blend": a, "full": client.Answer("full", error="down")}) == ""
+
+
+def test_picker_offers_recorded_documents(tmp_path, monkeypatch):
+    from helpers import library
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "pottery.txt").write_text("Stoneware is fired to cone 10.\n")
+    library.record_docs(tmp_path / "docs")  # as launch_engines.sh --docs does
+    p = widgets.ChunkPicker(order=["pottery_0", "filter_crop"])
+    assert p.chunks[-1] == {"name": "pottery_0", "title": "Stoneware is fired to cone 10.", "tokens": 10}
+    assert p.texts()[0] == "Stoneware is fired to cone 10."
+    assert p.tokens == 10 + TOKENS["filter_crop"]
+    app = widgets.CompareApp(engines_on_free_ports(), p)
+    assert app.retriever.search("At which cone is stoneware fired?", 1)[0][0] == "pottery_0"
 
 
 def test_app_with_engines_down_says_what_to_do():

@@ -29,7 +29,8 @@ def lab(live_engines, lab_factory, tmp_path):
     nb = parameterized_copy(ROOT / "notebooks" / NOTEBOOK, tmp_path / NOTEBOOK, {
         "BACKEND": "embedded", "BLEND_PORT": live_engines["blend"].port,
         "FULL_PORT": live_engines["full"].port, "START_ENGINES": False, "CHUNKS": CHUNKS,
-        "MAX_TOKENS": 24})
+        "MAX_TOKENS": 24,
+        "RETRIEVE": False})  # the hand-picked path: the drags decide the order (retrieval: test_widgets)
     return lab_factory({NOTEBOOK: nb})
 
 
@@ -257,6 +258,12 @@ def run_quickstart(page, lab):
             f"the {name} pane's text did not grow while streaming: first {streamed[0]!r}, "
             f"final {pane['text']!r}")
         print(f"{name}: {len(set(streamed))} partial texts while streaming, {pane['ttft']}")
+
+    # --- the retrieve toggle shows unticked; the blend pane says how many tokens it reused
+    assert not page.locator(".kvb-retrieve input").is_checked(), "the retrieve toggle should be off"
+    reuse = page.get_by_test_id("reuse-blend").inner_text()
+    assert re.fullmatch(r"reused \d+ · recomputed \d+ of \d+ tokens", reuse), reuse
+    assert page.get_by_test_id("reuse-full").inner_text().startswith("computed all ")
 
     # --- the live chart gains this question's two points
     wait_until(page, lab, "the live TTFT chart to show 6 points (3 questions x 2 engines)",
