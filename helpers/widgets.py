@@ -23,7 +23,7 @@ import anywidget
 import ipywidgets as w
 import traitlets as t
 
-from . import client, plots
+from . import client, plots, runtime
 from . import engines as eng
 from . import library as lib
 from .retrieval import Retriever
@@ -78,6 +78,13 @@ class ChunkPicker(anywidget.AnyWidget):
 
 # ------------------------------------------------------------------ streaming panes
 PANE_LABELS = {"blend": "blend: reuses cached chunk KV", "full": "full prefill"}
+
+
+def pane_header(e) -> str:
+    """The engine's URL, with the blend settings when the engine reports them (the embedded blend
+    engine's /health does; vLLM's does not)."""
+    h = runtime.health(e) or {}
+    return e.url + (f" · ratio {h['ratio']}, check layer {h['check_layer']}" if "ratio" in h else "")
 
 
 def _pane(name: str, url: str = "") -> dict:
@@ -200,7 +207,7 @@ class CompareApp(w.VBox):
         self.button = w.Button(description="Ask both engines", button_style="primary", icon="play")
         self.button.add_class("kvb-ask")
         self.button.on_click(lambda _: threading.Thread(target=self._ask_safely, daemon=True).start())
-        self.panes = StreamPanes([e.name for e in self.engines], [e.url for e in self.engines])
+        self.panes = StreamPanes([e.name for e in self.engines], [pane_header(e) for e in self.engines])
         self.chart = plots.ttft_live()
         self.chart_box = w.Box([self.chart])
         self.chart_box.add_class("kvb-ttft-chart")

@@ -345,3 +345,11 @@ def test_default_chunks_fit_the_backend(monkeypatch):
     monkeypatch.setattr(tutorial, "_context_length", lambda e: 32768)
     big = tutorial.default_chunks(Engine("blend", 1, "vllm"))
     assert 12000 < sum(tokens[n] for n in big) <= tutorial.CONTEXT_TOKENS["vllm"]
+
+
+def test_pane_header_shows_the_blend_settings(monkeypatch):
+    e = runtime.Engine("blend", 8000, "embedded")
+    monkeypatch.setattr(runtime, "health", lambda e: {"ratio": 0.3, "check_layer": 2})
+    assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.3, check layer 2"
+    monkeypatch.setattr(runtime, "health", lambda e: {"status": "ok"})  # e.g. vLLM, or the full engine
+    assert widgets.pane_header(e) == "http://127.0.0.1:8000"
