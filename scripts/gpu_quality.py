@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from helpers import metrics  # noqa: E402 (torch-free)
+
 RATIOS = (0.05, 0.15, 0.3, 1.0)
 # blend engines to compare: (blend path, ratio); "upstream" is LMCache's blender as shipped
 BLENDS = tuple(("fixed", r) for r in RATIOS) + (("upstream", 0.15),)
@@ -62,22 +64,6 @@ def prompt_sets(seed: int = 0) -> dict[str, list[tuple[list[str], str]]]:
 
 
 # ------------------------------------------------------------------ scoring
-def topk_kl(ref: dict[int, float], other: dict[int, float]) -> float:
-    """KL(ref || other) over the union of two top-k logprob lists, each renormalized on the union.
-
-    A token missing from one list gets that list's smallest logprob (it ranks below all of them, so
-    this is an upper bound on its probability): the score can only overstate a difference."""
-    floor_r, floor_o = min(ref.values()), min(other.values())
-    union = set(ref) | set(other)
-    import math
-
-    lr = [ref.get(t, floor_r) for t in union]
-    lo = [other.get(t, floor_o) for t in union]
-    zr = math.log(sum(math.exp(x) for x in lr))
-    zo = math.log(sum(math.exp(x) for x in lo))
-    return sum(math.exp(a - zr) * ((a - zr) - (b - zo)) for a, b in zip(lr, lo, strict=True))
-
-
 def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
     """Per engine: prompts, first tokens equal to ref's, mean top-20 KL to ref."""
     out = {}
@@ -86,7 +72,7 @@ def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
         out[name] = {
             "prompts": len(pairs),
             "first_token_agree": sum(a["token"] == b["token"] for a, b in pairs),
-            "top20_kl_mean": round(statistics.fmean(topk_kl(a["top"], b["top"]) for a, b in pairs), 4)
+            "top20_kl_mean": round(statistics.fmean(metrics.topk_kl(a["top"], b["top"]) for a, b in pairs), 4)
             if pairs else "",
         }
     return out

@@ -128,3 +128,12 @@ def test_launcher_passes_ratio_and_check_layer(monkeypatch, capsys):
     assert engines.main(["--ratio", "1.5", "--no-precompute"]) == 2
     cmd = engines.backend("embedded").engines(None, 8000, 8001, ratio=0.3, check_layer=2)[0].cmd
     assert cmd[cmd.index("--ratio") + 1] == "0.3" and cmd[cmd.index("--check-layer") + 1] == "2"
+
+
+def test_topk_kl_is_zero_for_equal_lists_and_grows_with_the_difference():
+    from helpers.metrics import topk_kl
+
+    a = {1: -0.1, 2: -2.5, 3: -4.0}
+    assert abs(topk_kl(a, a)) < 1e-12
+    near, far = {1: -0.2, 2: -2.0, 3: -4.0}, {1: -3.0, 2: -0.1, 4: -2.0}
+    assert 0 < topk_kl(a, near) < topk_kl(a, far)
