@@ -312,6 +312,12 @@ def main(argv=None) -> int:
                     help="also serve your own .txt/.md files in DIR: chunked, precomputed on the blend "
                          "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
+    ap.add_argument("--blend-path", default=None, choices=["fast", "fixed", "upstream"],
+                    help="vLLM only: 'fast' (default: one pass, chunks kept in GPU memory), 'fixed' "
+                         "(LMCache's blender, mended) or 'upstream' (LMCache's blender as shipped)")
+    ap.add_argument("--gpu-kv-store-gb", type=float, default=None,
+                    help="vLLM fast path only: GPU memory for chunk KV, taken from the blend engine's "
+                         "--gpu-memory-utilization share (default 4)")
     ap.add_argument("--ratio", type=float, default=BLEND.ratio,
                     help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
     ap.add_argument("--check-layer", type=int, default=BLEND.check_layer,
@@ -343,8 +349,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     kw = {"ratio": args.ratio, "check_layer": args.check_layer}
-    if args.load_format:
-        kw["load_format"] = args.load_format
+    for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
+        if getattr(args, opt) is not None:
+            kw[opt] = getattr(args, opt)
     if args.no_disk_cache:
         kw["kv_dir"] = None
     try:

@@ -11,7 +11,10 @@ from enum import IntEnum
 import pytest
 import torch
 
+from helpers.gpu import fast_blend as fb
 from helpers.gpu import plugin as vp
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 NB, BS, NH, HS = 6, 16, 4, 8  # blocks, block size, KV heads, head size
@@ -289,6 +292,11 @@ def test_register_mends_blender_unless_upstream(fake_stack, tmp_path, monkeypatc
     monkeypatch.setenv("KVBLEND_BLEND_PATH", "bogus")
     with pytest.raises(ValueError, match="fixed"):
         vp.blend_path()
+    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fast")  # mended too (its fallback), blend wrapped once
+    fake_stack.Blender.blend = lambda self, tokens, mask=None, **kw: "lmcache"
+    vp.register()
+    vp.register()
+    assert fake_stack.Blender.blend._kvblend and fake_stack.Blender.blend.__wrapped__(None, []) == "lmcache"
 
 
 def causal_attention(q, k, v):
@@ -332,10 +340,10 @@ def test_select_tokens_counts_cached_tokens_and_always_takes_gaps():
     new = torch.zeros(20, 4)
     new[[2, 5, 11]] = torch.tensor([[3.0], [1.0], [2.0]])  # the cached tokens that deviate most
     gaps = torch.tensor([7, 8, 19])  # separators / uncached: always recomputed
-    sel = vp.select_tokens(new, old, gaps, ratio=0.15)  # ceil(0.15 * 17) = 3 cached tokens
+    sel = fb.select_tokens(new, old, gaps, ratio=0.15)  # ceil(0.15 * 17) = 3 cached tokens
     assert sel.tolist() == [2, 5, 7, 8, 11, 19]
-    assert vp.select_tokens(new, old, gaps, ratio=1.0).tolist() == list(range(20))
-    assert vp.select_tokens(new, old, None, ratio=0.01).tolist() == [2]
+    assert fb.select_tokens(new, old, gaps, ratio=1.0).tolist() == list(range(20))
+    assert fb.select_tokens(new, old, None, ratio=0.01).tolist() == [2]
 
 
 class FakeRotary:

@@ -26,11 +26,15 @@ def available() -> bool:
 
 def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST,
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
-            kv_dir: str | Path | None = KV_DIR) -> list[Engine]:
+            kv_dir: str | Path | None = KV_DIR, **vllm_only) -> list[Engine]:
     """The two embedded servers (not started). The blend engine keeps chunk KV in `kv_dir` too (about
     46 KB per token for SmolLM2, 1.8 GB for the whole corpus), so a restarted engine starts warm:
     computing every chunk's KV costs minutes on 2 cores, loading it back seconds. None keeps it in
     memory only."""
+    if vllm_only:
+        flags = ", ".join("--" + k.replace("_", "-") for k in vllm_only)
+        raise EngineError(f"{flags}: options of the vllm backend; the embedded engines do not take them.")
+
     def cmd(mode: str, port: int) -> list[str]:
         c = [sys.executable, "-m", "helpers.embedded.server", "--mode", mode, "--host", host,
              "--port", str(port), "--ratio", str(ratio), "--check-layer", str(check_layer)]

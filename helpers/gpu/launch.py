@@ -6,9 +6,9 @@ Both engines run eagerly (LMCache's blending breaks under CUDA graphs, LMCache #
 prefix cache off, so the baseline prefills every token and the blend engine reuses only what LMCache
 gives it. The blend engine gets an LMCache YAML written into `.engines/` from our settings, and our
 vLLM plugin (`helpers/gpu/plugin.py`) closes the two gaps between vLLM 0.26 and LMCache 0.5.3.
-Prompts go to both as token ids: `sys + SEP + chunk_1 + SEP + ... + SEP + question` for the blend
-engine, with the separator ids LMCache's `SegmentTokenDatabase` searches for, and the same ids
-without separators for the baseline. The tested pair is vllm==0.26.0 + lmcache==0.5.3 (docs/gpu.md).
+Prompts go to both as the same token ids (`helpers.prompts.chat_prompt_ids`): the chat-templated
+conversation with the separator ids LMCache's `SegmentTokenDatabase` searches for between its
+segments. The tested pair is vllm==0.26.0 + lmcache==0.5.3 (docs/gpu.md).
 
 Nothing heavy is imported at module level: this module imports on a machine without torch or vLLM,
 and its checks say what is missing.
@@ -35,6 +35,10 @@ VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s
 SHARE_ENV = "KVBLEND_SHARE_GPU"  # =1: both engines on one GPU (each ~0.4 of its memory)
 SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"
 PLUGIN = "kvblend_lmcache"
+BLEND_PATHS = ("fast", "fixed", "upstream")  # KVBLEND_BLEND_PATH, read by helpers/gpu/plugin.py
+# On questions: LMCache must not store the prompt's segments (the question would become a cached
+# "chunk", blended the next time it is asked); the precomputed chunks are the only cache entries.
+NO_SAVE = {"kv_transfer_params": {"lmcache.skip_save": True}}
 DEFAULT_MAX_MODEL_LEN = 32768
 # Architectures LMCache 0.5.3's blender has a layer-wise model for (it matches vLLM's class name).
 # Mistral's is Llama's with another name: served as LlamaForCausalLM, it loads the same weights.
@@ -203,9 +207,15 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer, load_format: str | None = None,
             gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
             dtype: str = "auto", chunk_size: int = 256, cpu_cache_gb: float = 16.0,
-            kv_dir=None) -> list[Engine]:
+            kv_dir=None, blend_path: str = "fast", gpu_kv_store_gb: float = 4.0) -> list[Engine]:
     """The blend and full engines (not started). Checks GPUs, versions and the model first.
+    `blend_path`: `fast` (our one-pass blender, chunk KV kept in `gpu_kv_store_gb` GB of GPU memory),
+    `fixed` (LMCache's blender, mended) or `upstream` (as shipped); see helpers/gpu/plugin.py.
     `kv_dir` is the embedded backend's option and unused here: LMCache keeps its own chunk store."""
+    if blend_path not in BLEND_PATHS:
+        raise EngineError(f"--blend-path must be one of {', '.join(BLEND_PATHS)}, got {blend_path!r}.")
+    if gpu_kv_store_gb < 0 or (blend_path == "fast" and gpu_kv_store_gb == 0):
+        raise EngineError(f"--gpu-kv-store-gb must be > 0 on the fast path, got {gpu_kv_store_gb}.")
     blend_gpu, full_gpu = check_gpus()
     check_versions()
     model = model or DEFAULT_MODEL
@@ -227,7 +237,8 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
     return [
         Engine("blend", blend_port, "vllm", vllm_command(model, blend_port, host, blend=True, **opts),
                {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": blend_gpu,
-                "LMCACHE_CONFIG_FILE": str(yaml_path)}, host=host, model=model),
+                "LMCACHE_CONFIG_FILE": str(yaml_path), "KVBLEND_BLEND_PATH": blend_path,
+                "KVBLEND_GPU_KV_STORE_GB": str(gpu_kv_store_gb)}, host=host, model=model),
         Engine("full", full_port, "vllm", vllm_command(model, full_port, host, blend=False, **opts),
                {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": full_gpu,
                 "LMCACHE_CONFIG_FILE": ""}, host=host, model=model),
@@ -275,4 +286,5 @@ def request(engine: Engine, model: str, chunks: list[str], question: str,
     ids = chat_prompt_ids(tokenizer_for(model), chunks, question, system)  # identical for both engines
     # ids go in extra_body: as `prompt=ids` the SDK walks the list item by item, which
     # costs ~0.3 s at 32K tokens on both engines (measured on H200) and hides the gap
-    return "completions", {"prompt": "", "extra_body": {"prompt": ids}}
+    extra = NO_SAVE if engine.name == "blend" else {}
+    return "completions", {"prompt": "", "extra_body": {"prompt": ids, **extra}}

@@ -32,7 +32,9 @@ monkeypatching at start-up (never on disk), and quiets one known LMCache warning
    and values there at layer 0. `process_qkv` writes every layer's fresh K/V back for all tokens it
    computed, selects the ratio among *cached* tokens and always recomputes the gap tokens (as our
    embedded engine does).
-Set `KVBLEND_BLEND_PATH=upstream` to run LMCache's blender as shipped (3 and 4 off), to compare.
+Set `KVBLEND_BLEND_PATH=upstream` to run LMCache's blender as shipped (3 and 4 off), to compare, or
+`KVBLEND_BLEND_PATH=fast` for our one-pass blender with a GPU chunk store (`fast_blend.py`, issue
+10): the same algorithm as `fixed`, without LMCache's per-layer syncs and host copies.
 """
 
 from __future__ import annotations
@@ -146,11 +148,15 @@ class FirstOnly(logging.Filter):
         return self.dropped == 1
 
 
+BLEND_PATHS = ("fixed", "upstream", "fast")
+
+
 def blend_path(environ=None) -> str:
-    """`fixed` (default: faults 3 and 4 mended) or `upstream` (LMCache's blender as shipped)."""
+    """`fixed` (default: faults 3 and 4 mended), `upstream` (LMCache's blender as shipped) or `fast`
+    (our one-pass blender, `fast_blend.py`), from KVBLEND_BLEND_PATH."""
     path = (os.environ if environ is None else environ).get("KVBLEND_BLEND_PATH", "fixed").strip().lower()
-    if path not in ("fixed", "upstream"):
-        raise ValueError(f"KVBLEND_BLEND_PATH must be 'fixed' or 'upstream', got {path!r}")
+    if path not in BLEND_PATHS:
+        raise ValueError(f"KVBLEND_BLEND_PATH must be 'fixed', 'upstream' or 'fast', got {path!r}")
     return path
 
 
@@ -163,21 +169,6 @@ def deviation(environ=None) -> str:
     return dev
 
 
-def select_tokens(k, old_k, gaps, ratio: float):
-    """Sorted indices to recompute past the check layer: every gap token (no cached KV) and the
-    ceil(ratio * cached tokens) cached tokens whose fresh K deviates most from the cached K."""
-    import math
-
-    import torch
-
-    deviation = ((k.float() - old_k.float()) ** 2).sum(dim=1)
-    if gaps is not None and gaps.numel():
-        deviation[gaps] = float("inf")
-    n_gaps = 0 if gaps is None else gaps.numel()
-    n = min(deviation.numel(), n_gaps + max(1, math.ceil(ratio * (deviation.numel() - n_gaps))))
-    return torch.sort(torch.topk(deviation, n).indices).values
-
-
 def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     """`LMCBlender.process_qkv` with faults 3 and 4 mended (see the module docstring).
 
@@ -186,6 +177,8 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     the retrieved ones (which vLLM's cache then receives). At the check layer the tokens to
     recompute are selected; past it only they are computed and overwrite their cached rows."""
     import torch
+
+    from .fast_blend import select_tokens
 
     old_k, old_v = self.gpu_connector.get_kv(layer_id)
     if attn_output is None:
@@ -219,21 +212,6 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     return q, k, v, residual, attn_output, attn_metadata
 
 
-_FLEX = {}
-
-
-def flex_attention_fn(device_type: str):
-    """PyTorch's FlexAttention: compiled into one fused, block-sparse kernel on the GPU (once, for
-    every prompt length); its eager reference elsewhere (the CPU tests)."""
-    if device_type not in _FLEX:
-        import torch
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX[device_type] = torch.compile(flex_attention, dynamic=True) if device_type == "cuda" \
-            else flex_attention
-    return _FLEX[device_type]
-
-
 def selected_attention(original):
     """Wrap `LMCFlashAttnBackend.forward_contiguous`: when the queries are a subset of the keys'
     positions, attend with the exact causal mask instead of FlashAttention's end-aligned one.
@@ -247,33 +225,26 @@ def selected_attention(original):
         positions = getattr(attn_metadata, "kvblend_query_positions", None)
         if positions is None or positions.numel() == key.shape[0]:
             return original(self, query, key, value, output, attn_metadata, **kwargs)
-        from torch.nn.attention.flex_attention import create_block_mask
+        from .fast_blend import attend_selected, exact_causal_mask
 
         block_mask = getattr(attn_metadata, "kvblend_block_mask", None)
         if block_mask is None:
-            def sees(b, h, q_idx, kv_idx):  # query i is the token at positions[i]
-                return kv_idx <= positions[q_idx]
-
-            block_mask = create_block_mask(sees, None, None, positions.numel(), key.shape[0],
-                                           device=key.device)
-            attn_metadata.kvblend_block_mask = block_mask
-        # query [n, heads, d] at `positions`; key/value [N, kv_heads, d] -> [1, heads, tokens, d]
-        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
-        gqa, scale = query.shape[1] != key.shape[1], self.vllm_attn_impl.scale
+            block_mask = attn_metadata.kvblend_block_mask = exact_causal_mask(positions, key.shape[0])
+        scale = self.vllm_attn_impl.scale
         try:
-            out = flex_attention_fn(key.device.type)(q, k, v, block_mask=block_mask, scale=scale,
-                                                     enable_gqa=gqa)
+            out = attend_selected(query, key, value, block_mask, scale)
         except Exception as err:  # a FlexAttention build that fails here: exact, but slower
-            if not _FLEX.get("warned"):
-                _FLEX["warned"] = True
+            if not getattr(selected_attention, "warned", False):
+                selected_attention.warned = True
                 log.warning("FlexAttention failed (%s); selected tokens attend through SDPA", err)
             import torch
             import torch.nn.functional as F
 
+            q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
             mask = torch.arange(key.shape[0], device=key.device)[None, :] <= positions[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scale,
-                                                 enable_gqa=gqa)
-        output.copy_(out[0].transpose(0, 1))
+                                                 enable_gqa=query.shape[1] != key.shape[1])[0].transpose(0, 1)
+        output.copy_(out)
         return output
 
     forward_contiguous._kvblend = True
@@ -291,8 +262,60 @@ def _mend_blender() -> None:
         backend.forward_contiguous = selected_attention(backend.forward_contiguous)
 
 
+_FAST = {"store": None, "failed": False}
+
+
+def fast_blend(original):
+    """Wrap `LMCBlender.blend`: blend in one pass (`fast_blend.FastBlender`) when the GPU chunk store
+    can hold the prompt's chunks; else, or if it fails, LMCache's blender with our fixes (logged)."""
+
+    @functools.wraps(original)
+    def blend(self, tokens, mask=None, **kwargs):
+        from . import fast_blend as fb
+
+        if _FAST["store"] is not None and not _FAST["failed"]:
+            fast = getattr(self, "_kvblend_fast", None)
+            try:
+                if fast is None:
+                    fast = self._kvblend_fast = fb.FastBlender(self, _FAST["store"], deviation())
+                if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
+                    return None
+                log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): "
+                         "this prompt goes through LMCache's blender")
+            except Exception:
+                _FAST["failed"] = True
+                log.exception("fast blend path failed: this and every later prompt go through "
+                              "LMCache's blender (with our fixes)")
+        return original(self, tokens, mask, **kwargs)
+
+    blend._kvblend = True
+    return blend
+
+
+def _make_fast_store(worker, model) -> None:
+    """The fast path's GPU chunk store, its bytes counted as the model's so that vLLM's KV cache
+    shrinks by as much (within --gpu-memory-utilization); a clear error when it cannot fit."""
+    import torch
+
+    from . import fast_blend as fb
+
+    gb = fb.store_gb()
+    if gb <= 0:
+        log.warning("fast blend path without a GPU chunk store (%s=0): prompts go through LMCache's "
+                    "blender", fb.STORE_ENV)
+        return
+    util = float(worker.cache_config.gpu_memory_utilization)
+    device = next(model.parameters()).device
+    used = int(worker.model_runner.model_memory_usage)
+    fb.check_store_fits(gb, util, torch.cuda.get_device_properties(device).total_memory, used)
+    _FAST["store"] = fb.build_store(model, gb)
+    worker.model_runner.model_memory_usage = used + int(gb * 1e9)
+    log.info("fast blend path: GPU chunk store of %g GB (%d tokens)", gb, _FAST["store"].pos.numel())
+
+
 def _register_model_after_load() -> None:
-    """Wrap `Worker.load_model` so the loaded model is registered for LMCache's blender."""
+    """Wrap `Worker.load_model` so the loaded model is registered for LMCache's blender (and, on the
+    fast path, gets its GPU chunk store)."""
     from vllm.v1.worker import gpu_worker
 
     original = gpu_worker.Worker.load_model
@@ -306,6 +329,8 @@ def _register_model_after_load() -> None:
         from lmcache.v1.compute.models.utils import VLLMModelTracker
 
         VLLMModelTracker.register_model(ENGINE_NAME, self.model_runner.get_model())
+        if blend_path() == "fast":
+            _make_fast_store(self, self.model_runner.get_model())
         return result
 
     load_model._kvblend = True
@@ -327,8 +352,13 @@ def register() -> None:
     try:
         _register_model_after_load()
         _route_4d_kv_transfer()
-        if blend_path() == "fixed":
-            _mend_blender()
+        if blend_path() in ("fixed", "fast"):
+            _mend_blender()  # the fast path falls back to the mended blender
+        if blend_path() == "fast":
+            from lmcache.v1.compute.blend import blender
+
+            if not getattr(blender.LMCBlender.blend, "_kvblend", False):
+                blender.LMCBlender.blend = fast_blend(blender.LMCBlender.blend)
     except ImportError as err:  # vLLM or LMCache missing: the engine itself will say so
         log.warning("kvblend plugin inactive, cannot import %s", err.name or err)
         return

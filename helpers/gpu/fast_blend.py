@@ -1,0 +1,344 @@
+"""The fast blend path (`--blend-path fast`): CacheBlend for one prompt in one pass over vLLM's layers.
+
+LMCache 0.5.3 blends a prompt through generators that, for every layer, fetch each chunk's KV from
+host memory (a thread hop), copy it to a GPU buffer, synchronize the whole device, re-rotate it,
+zero the gaps, compute, and scatter it into vLLM's paged cache with a gather that syncs the host
+again. `FastBlender.blend` does the same algorithm, with issue 9's fixes, as one loop:
+
+    ids -> embed
+    for each layer:
+        norm -> qkv -> rotary (new positions)
+        cached K/V of every chunk token: one gather from the GPU chunk store, K re-rotated to the
+            new positions (LMCache's fused kernel)
+        below the check layer: every token computed, its fresh K/V kept
+        at the check layer:    select the gap tokens + ceil(ratio x cached) cached tokens whose
+                               fresh K (or V) deviates most; every token keeps its fresh K/V
+        past it:               only the selected tokens are computed; they overwrite their rows
+        K/V of all tokens -> vLLM's paged cache (vLLM's own `reshape_and_cache_flash`)
+        attention (all queries: FlashAttention; selected ones: FlexAttention, exact causal mask)
+        -> o_proj -> norm -> MLP             (skipped at the last layer: only its K/V are used)
+
+No device-wide sync, no host sync, no per-chunk work inside the layer loop. Chunks live in
+`ChunkStore`, a paged arena in GPU memory sized by `--gpu-kv-store-gb` and accounted against
+`--gpu-memory-utilization` (its bytes are added to the model's, so vLLM's KV cache shrinks by as
+much). A chunk missing there is read once from LMCache's host store (all layers) and kept, least
+recently used out first. When a prompt's chunks cannot all fit, or anything here fails, the request
+falls back to LMCache's blender with our fixes (`KVBLEND_BLEND_PATH=fixed`), logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+
+import torch
+
+log = logging.getLogger("vllm.kvblend_plugin")
+
+STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
+PAGE = 16  # tokens per page of the chunk store
+BLOCK = 128  # FlexAttention's block size (queries and keys)
+
+
+def store_gb(environ=None) -> float:
+    """The GPU chunk store's size in GB, from KVBLEND_GPU_KV_STORE_GB (default 4)."""
+    value = (os.environ if environ is None else environ).get(STORE_ENV, "4")
+    try:
+        gb = float(value)
+    except ValueError:
+        raise ValueError(f"{STORE_ENV} must be a number of GB, got {value!r}") from None
+    if gb < 0:
+        raise ValueError(f"{STORE_ENV} must be >= 0, got {gb}")
+    return gb
+
+
+class ChunkStore:
+    """Chunks' K/V for every layer in GPU memory: `kv[layer, 0 or 1, row]` is a token's K or V
+    (`[kv_heads * head_size]`, as LMCache stores them: rotated at the positions in `pos[row]`).
+
+    Rows come in pages of PAGE tokens, so chunks of any length come and go without fragmenting.
+    Eviction is least recently used first and never touches the chunks of the prompt in hand."""
+
+    def __init__(self, layers: int, kv_dim: int, capacity_tokens: int, dtype, device, page: int = PAGE):
+        self.page = page
+        pages = capacity_tokens // page
+        self.kv = torch.empty(layers, 2, pages * page, kv_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(pages * page, dtype=torch.long, device=device)
+        self.free = list(range(pages))
+        self.chunks: OrderedDict = OrderedDict()  # key -> (rows on the device, pages)
+
+    @classmethod
+    def bytes_per_token(cls, layers: int, kv_dim: int, dtype) -> int:
+        return layers * 2 * kv_dim * torch.empty((), dtype=dtype).element_size() + 8
+
+    def rows(self, key):
+        """The chunk's rows (a host tensor: prompts index with it before one copy to the device),
+        or None; a hit makes it the most recently used."""
+        hit = self.chunks.get(key)
+        if hit is None:
+            return None
+        self.chunks.move_to_end(key)
+        return hit[0]
+
+    def allocate(self, key, n_tokens: int, keep=()):
+        """Rows for a new chunk of n_tokens, evicting least recently used chunks not in `keep`;
+        None when even that cannot make room (the caller falls back, nothing is lost)."""
+        need = -(-n_tokens // self.page)
+        if need > len(self.free):
+            for old in [k for k in self.chunks if k not in keep]:
+                self.free += self.chunks.pop(old)[1]
+                if need <= len(self.free):
+                    break
+        if need > len(self.free):
+            return None
+        pages, self.free = self.free[:need], self.free[need:]
+        base = torch.tensor(pages, dtype=torch.long).repeat_interleave(self.page) * self.page
+        rows = (base + torch.arange(self.page).repeat(need))[:n_tokens]
+        self.chunks[key] = (rows, pages)
+        return rows
+
+    def drop(self, key) -> None:
+        if key in self.chunks:
+            self.free += self.chunks.pop(key)[1]
+
+
+def exact_causal_blocks(positions: torch.Tensor, n_keys: int, block: int = BLOCK):
+    """FlexAttention's block lists for queries at sorted `positions` attending keys 0..own position.
+
+    For the q-block of queries i..i+block-1 (positions lo..hi), key blocks wholly at or below lo are
+    full (no mask to evaluate), key blocks from there up to hi's are partial (the mask decides), and
+    none beyond. Returns (kv_num, kv_idx, full_num, full_idx), shaped [1, 1, q_blocks(, kv_blocks)]."""
+    n = positions.numel()
+    q_blocks, kv_blocks = -(-n // block), -(-n_keys // block)
+    padded = torch.cat([positions, positions[-1:].expand(q_blocks * block - n)]).view(q_blocks, block)
+    lo, hi = padded[:, 0], padded[:, -1]
+    full_num = torch.div(lo + 1, block, rounding_mode="floor")
+    kv_num = torch.div(hi, block, rounding_mode="floor") - full_num + 1
+    cols = torch.arange(kv_blocks, device=positions.device)
+    kv_idx = (full_num[:, None] + cols[None, :]).clamp(max=kv_blocks - 1)
+    full_idx = cols[None, :].expand(q_blocks, kv_blocks)
+
+    def shape(t):
+        return t.to(torch.int32)[None, None].contiguous()
+
+    return shape(kv_num), shape(kv_idx), shape(full_num), shape(full_idx)
+
+
+def exact_causal_mask(positions: torch.Tensor, n_keys: int):
+    """A FlexAttention BlockMask: query i (the token at positions[i]) sees keys 0..positions[i].
+    Built from block lists computed on the device: no n x N mask, no host sync."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num, kv_idx, full_num, full_idx = exact_causal_blocks(positions, n_keys)
+    pad = kv_num.shape[-1] * BLOCK - positions.numel()  # the last q-block's rows past n read these
+    padded = torch.cat([positions, positions[-1:].expand(pad)])
+
+    def sees(b, h, q_idx, kv_idx):
+        return kv_idx <= padded[q_idx]
+
+    kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=sees, seq_lengths=(positions.numel(), n_keys))
+    try:
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
+    except TypeError:  # a torch without compute_q_blocks
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
+
+
+_FLEX = {}
+
+
+def flex_attention_fn(device_type: str):
+    """FlexAttention compiled into one fused block-sparse kernel on the GPU (once, any length);
+    its eager reference elsewhere (the CPU tests)."""
+    if device_type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[device_type] = torch.compile(flex_attention, dynamic=True) if device_type == "cuda" \
+            else flex_attention
+    return _FLEX[device_type]
+
+
+def attend_selected(q, k, v, block_mask, scale: float) -> torch.Tensor:
+    """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d]."""
+    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = flex_attention_fn(q.device.type)(qt, kt, vt, block_mask=block_mask, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def embed(model, ids):
+    """Token embeddings, by whichever name this vLLM model class gives them (as LMCache does)."""
+    for name in ("embed_input_ids", "get_input_embeddings"):
+        if hasattr(model, name):
+            return getattr(model, name)(ids)
+    return model.model.embed_tokens(ids)
+
+
+def select_tokens(fresh, cached, gaps, ratio: float):
+    """Sorted rows to recompute past the check layer: every gap row (no cached KV: the separators)
+    and the ceil(ratio x cached rows) cached rows whose fresh K (or V) deviates most from the cached."""
+    deviation = ((fresh.float() - cached.float()) ** 2).sum(dim=1)
+    n_gaps = 0 if gaps is None else gaps.numel()
+    if n_gaps:
+        deviation[gaps] = float("inf")
+    n = min(deviation.numel(), n_gaps + max(1, math.ceil(ratio * (deviation.numel() - n_gaps))))
+    return torch.sort(torch.topk(deviation, n).indices).values
+
+
+class StoreFull(Exception):
+    """The GPU chunk store cannot hold all of one prompt's chunks."""
+
+
+class FastBlender:
+    """Blends prompts for one LMCache blender (`lmc`, an LMCBlender) over its vLLM model."""
+
+    def __init__(self, lmc, store: ChunkStore | None, deviation: str = "k"):
+        self.lmc = lmc
+        self.model = lmc.layerwise_model.vllm_model
+        self.layers = list(self.model.model.layers)
+        self.store = store
+        self.deviation = deviation
+        self.check = min(lmc.common_metadata.check_layers)
+        self.ratio = float(lmc.common_metadata.recomp_ratios[0])
+        self.full_attention = lmc.layerwise_model.lmc_attn_layers  # FlashAttention, all queries
+        self.rerotate = lmc.layerwise_model.fused_rotary_emb  # K from old to new positions
+        cache = getattr(self.rerotate, "cos_sin_cache", None)
+        if cache is not None:  # LMCache copies it to the GPU on every call when it lives on the host
+            self.rerotate.cos_sin_cache = cache.to(self.layers[0].self_attn.qkv_proj.weight.device)
+        self.process_qkv = getattr(lmc.layerwise_model, "_process_qkv", lambda q, k, v, layer: (q, k, v))
+
+    # -------------------------------------------------------------- the chunks
+    def segments(self, tokens, mask):
+        """(start, end, key) of each segment LMCache's token database cuts the prompt into."""
+        return list(self.lmc.cache_engine.token_database.process_tokens(tokens=tokens, mask=mask))
+
+    def load(self, key, keep) -> torch.Tensor | None:
+        """Rows of the chunk `key` in the GPU store, read from LMCache's host store when missing
+        there; None when LMCache has not got it; StoreFull when the store has no room for it."""
+        rows = self.store.rows(key)
+        if rows is not None:
+            return rows
+        engine = self.lmc.cache_engine
+        objs = [engine.storage_manager.get(k) for k in key.split_layers(len(self.layers))]
+        try:
+            if any(o is None for o in objs) or objs[0].metadata.cached_positions is None:
+                return None
+            rows = self.store.allocate(key, objs[0].tensor.shape[1], keep)
+            if rows is None:
+                raise StoreFull(key)
+            device = self.store.kv.device
+            at = rows.to(device)
+            for layer, obj in enumerate(objs):  # [2, tokens, kv_dim] each, in pinned host memory
+                self.store.kv[layer][:, at] = obj.tensor.to(device, non_blocking=True)
+            self.store.pos[at] = objs[0].metadata.cached_positions.to(device)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # before LMCache may reuse the memory
+            return rows
+        finally:
+            for o in objs:
+                if o is not None:
+                    o.ref_count_down()
+
+    # -------------------------------------------------------------- the pass
+    @torch.inference_mode()
+    def blend(self, tokens, mask, kvcaches, slot_mapping) -> bool:
+        """Blend `tokens` into vLLM's paged cache at `slot_mapping`. False: not done (no chunk hit,
+        or no room in the store): the caller falls back to LMCache's blender."""
+        device = self.store.kv.device
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        n_all = ids.numel()
+        index = torch.full((n_all,), -1, dtype=torch.long)  # store row of each token, -1: gap
+        segments = self.segments(ids, mask)
+        keep = {key for _, _, key in segments}
+        for start, end, key in segments:
+            try:
+                rows = self.load(key, keep)
+            except StoreFull:
+                return False
+            if rows is None:
+                break  # as LMCache: the first chunk it has not got ends the reuse
+            index[start:end] = rows
+        is_gap = index < 0
+        n_gaps = int(is_gap.sum())
+        if n_gaps == n_all:
+            return False
+        gaps = torch.nonzero(is_gap).squeeze(1).to(device, non_blocking=True)
+        index = index.clamp(min=0).to(device, non_blocking=True)  # gap rows: anything, recomputed
+        self._forward(ids.to(device, non_blocking=True), index, gaps, kvcaches, slot_mapping)
+        return True
+
+    def _forward(self, ids, index, gaps, kvcaches, slot_mapping):
+        n_all = ids.numel()
+        positions = torch.arange(n_all, device=ids.device)
+        old_positions = self.store.pos[index]
+        hidden, residual = embed(self.model, ids), None
+        selected = block_mask = None  # rows computed past the check layer
+        full_meta = self.full_attention[0].init_attn_metadata(input_ids=ids)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            if residual is None:
+                residual, hidden = hidden, layer.input_layernorm(hidden)
+            else:
+                hidden, residual = layer.input_layernorm(hidden, residual)
+            qkv, _ = attn.qkv_proj(hidden)
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k, v = self.process_qkv(q, k, v, layer)
+            q, k = attn.rotary_emb(positions if selected is None else positions[selected], q, k)
+
+            if i >= self.check:  # the cached K/V of every token, moved to the new positions
+                cached = self.store.kv[i][:, index]
+                cached_k = self.rerotate(old_positions, positions, cached[0])
+                cached_v = cached[1]
+            if selected is None and i == self.check:
+                fresh, old = (v, cached_v) if self.deviation == "v" else (k, cached_k)
+                selected = select_tokens(fresh, old, gaps, self.ratio)
+                block_mask = exact_causal_mask(selected, n_all)
+                keys, values = k, v  # every token keeps the K/V computed here
+                q, residual = q[selected], residual[selected]
+            elif selected is None:
+                keys, values = k, v
+            else:
+                cached_k[selected], cached_v[selected] = k, v
+                keys, values = cached_k, cached_v
+
+            heads, kv_heads, d = attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_size
+            keys, values = keys.view(n_all, kv_heads, d), values.view(n_all, kv_heads, d)
+            attn.attn.impl.do_kv_cache_update(attn.attn, keys, values, kvcaches[i], slot_mapping)
+            if i == last:
+                break  # the last layer's output feeds nothing: vLLM computes the question itself
+            q = q.view(-1, heads, d)
+            if block_mask is None:
+                out = self.full_attention[i].forward_contiguous(q, keys, values, torch.empty_like(q),
+                                                                full_meta)
+            else:
+                out = attend_selected(q, keys, values, block_mask, attn.attn.impl.scale)
+            hidden, _ = attn.o_proj(out.reshape(q.shape[0], heads * d))
+            hidden, residual = layer.post_attention_layernorm(hidden, residual)
+            hidden = layer.mlp(hidden)
+
+
+def check_store_fits(gb: float, utilization: float, total_bytes: int, model_bytes: int) -> None:
+    """Raise a RuntimeError that says what to change when a `gb` GB store leaves too little of the
+    engine's share of GPU memory (2 GB at least for activations and the KV cache)."""
+    share = utilization * total_bytes
+    room = share - model_bytes - 2e9
+    if gb * 1e9 > room:
+        raise RuntimeError(
+            f"The GPU chunk store of {gb:g} GB does not fit: --gpu-memory-utilization {utilization} gives "
+            f"this engine {share / 1e9:.1f} GB, the model takes {model_bytes / 1e9:.1f} GB, and vLLM needs "
+            f"2 GB or more for activations and its KV cache. Lower --gpu-kv-store-gb (to at most "
+            f"{max(room, 0) / 1e9:.1f}) or raise --gpu-memory-utilization.")
+
+
+def build_store(model, gb: float) -> ChunkStore | None:
+    """The GPU chunk store for a loaded vLLM model, `gb` GB (None for 0)."""
+    if gb <= 0:
+        return None
+    layers = model.model.layers
+    attn = layers[0].self_attn.attn
+    weight = layers[0].self_attn.qkv_proj.weight
+    kv_dim = attn.num_kv_heads * attn.head_size
+    per_token = ChunkStore.bytes_per_token(len(layers), kv_dim, weight.dtype)
+    return ChunkStore(len(layers), kv_dim, int(gb * 1e9) // per_token, weight.dtype, weight.device)

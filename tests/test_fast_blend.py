@@ -1,0 +1,346 @@
+"""helpers/gpu/fast_blend.py on CPU, in float64, over a small Llama built with vLLM's layer
+interfaces (fused-residual RMSNorm, qkv_proj/o_proj returning (out, bias), rotary_emb(positions, q,
+k), an attention impl with `do_kv_cache_update`) and LMCache's (token database, host store of
+per-layer chunk KV with their cached positions, re-rotation). Neither is installed here.
+
+What must hold: the paged KV the fast path writes equals a full prefill's when nothing has to be
+repaired (each chunk at the positions it was cached at: any ratio) and when everything is recomputed
+(ratio 1.0, chunks reordered); the chunk store evicts least recently used chunks, never the prompt's
+own, and says when it cannot fit; the FlexAttention block lists are exact."""
+
+import logging
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers.gpu import fast_blend as fb
+from helpers.gpu import plugin as vp
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+H, HEADS, KV_HEADS, D, LAYERS, VOCAB, SEP = 32, 4, 2, 8, 4, 50, (48, 49)
+
+
+# ------------------------------------------------------------------ a Llama with vLLM's interfaces
+def rope(x, positions, heads, sign=1.0):
+    """Neox-style rotary embedding of [T, heads*D] at `positions` (sign -1 undoes it)."""
+    x = x.view(x.shape[0], heads, D)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    angles = positions.double()[:, None] * inv[None, :] * sign
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).reshape(x.shape[0], heads * D)
+
+
+class Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(H, dtype=torch.float64))
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            x = residual = x + residual
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return y if residual is None else (y, residual)
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(H, 2 * H, dtype=torch.float64)
+        self.down = torch.nn.Linear(2 * H, H, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.down(F.silu(self.up(x)))
+
+
+class Impl:
+    scale = D ** -0.5
+
+    @staticmethod
+    def do_kv_cache_update(layer, key, value, kv_cache, slot_mapping):  # a flat [slots, 2, kv_heads, D]
+        kv_cache[slot_mapping] = torch.stack([key, value], dim=1)
+
+
+def make_model():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        attn = types.SimpleNamespace(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=D, impl=Impl())
+        self_attn = types.SimpleNamespace(
+            qkv_proj=Linear(H, (HEADS + 2 * KV_HEADS) * D, dtype=torch.float64),
+            o_proj=Linear(HEADS * D, H, dtype=torch.float64), q_size=HEADS * D, kv_size=KV_HEADS * D,
+            attn=attn,
+            rotary_emb=lambda pos, q, k: (rope(q, pos, HEADS), rope(k, pos, KV_HEADS)))
+        layers.append(types.SimpleNamespace(input_layernorm=Norm(), post_attention_layernorm=Norm(),
+                                            self_attn=self_attn, mlp=Mlp()))
+    embed = torch.nn.Embedding(VOCAB, H, dtype=torch.float64)
+    return types.SimpleNamespace(model=types.SimpleNamespace(layers=layers, embed_tokens=embed))
+
+
+def causal(q, k, v):
+    """Full causal attention, q [T, heads, D], k/v [T, kv_heads, D]."""
+    rep = HEADS // KV_HEADS
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                                         v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
+    return out.transpose(0, 1)
+
+
+@torch.no_grad()
+def full_prefill(model, ids):
+    """Every layer's rotated K and V ([layers, T, kv_heads*D] each) of a plain causal prefill."""
+    pos = torch.arange(len(ids))
+    hidden, residual, ks, vs = model.model.embed_tokens(torch.tensor(ids)), None, [], []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        if residual is None:
+            residual, hidden = hidden, layer.input_layernorm(hidden)
+        else:
+            hidden, residual = layer.input_layernorm(hidden, residual)
+        q, k, v = a.qkv_proj(hidden)[0].split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q, k = a.rotary_emb(pos, q, k)
+        ks.append(k)
+        vs.append(v)
+        out = causal(q.view(-1, HEADS, D), k.view(-1, KV_HEADS, D), v.view(-1, KV_HEADS, D))
+        hidden = a.o_proj(out.reshape(-1, HEADS * D))[0]
+        hidden, residual = layer.post_attention_layernorm(hidden, residual)
+        hidden = layer.mlp(hidden)
+    return torch.stack(ks), torch.stack(vs)
+
+
+# ------------------------------------------------------------------ LMCache's side
+class Key(tuple):
+    def split_layers(self, n):
+        return [(self, i) for i in range(n)]
+
+
+class HostObj:
+    def __init__(self, kv, positions):
+        self.tensor, self.metadata, self.refs = kv, types.SimpleNamespace(cached_positions=positions), 1
+
+    def ref_count_down(self):
+        self.refs -= 1
+
+
+class Host:
+    """LMCache's host store: per (chunk key, layer) a [2, T, kv_dim] object and its positions."""
+
+    def __init__(self):
+        self.objs, self.gets = {}, 0
+
+    def get(self, layer_key):
+        self.gets += 1
+        return self.objs.get(layer_key)
+
+
+def segments(ids):
+    """LMCache's SegmentTokenDatabase: cut at SEP, key each segment by its tokens."""
+    out, start = [], 0
+    for i in range(len(ids) - 1):
+        if tuple(ids[i:i + 2]) == SEP:
+            out.append((start, i))
+            start = i + 2
+    out.append((start, len(ids)))
+    return [(s, e, Key(ids[s:e])) for s, e in out if e > s]
+
+
+def precompute(model, host, ids):
+    """What a precompute request leaves in LMCache: every segment's KV at its positions here."""
+    ks, vs = full_prefill(model, ids)
+    for s, e, key in segments(ids):
+        for layer in range(LAYERS):
+            kv = torch.stack([ks[layer, s:e], vs[layer, s:e]])
+            host.objs[(key, layer)] = HostObj(kv, torch.arange(s, e))
+
+
+class FullAttention:
+    def init_attn_metadata(self, input_ids):
+        return None
+
+    def forward_contiguous(self, q, k, v, out, meta):
+        out.copy_(causal(q, k, v))
+        return out
+
+
+def blender(model, host, ratio, check_layer=1):
+    def rerotate(old, new, k):
+        return rope(rope(k, old, KV_HEADS, sign=-1.0), new, KV_HEADS)
+
+    def process_tokens(tokens, mask):
+        return segments(tokens.tolist())
+
+    return types.SimpleNamespace(
+        layerwise_model=types.SimpleNamespace(vllm_model=model, lmc_attn_layers=[FullAttention()] * LAYERS,
+                                              fused_rotary_emb=rerotate),
+        common_metadata=types.SimpleNamespace(check_layers=[check_layer], recomp_ratios=[ratio]),
+        cache_engine=types.SimpleNamespace(token_database=types.SimpleNamespace(process_tokens=process_tokens),
+                                           storage_manager=host))
+
+
+def store(tokens=256):
+    return fb.ChunkStore(LAYERS, KV_HEADS * D, tokens, torch.float64, "cpu", page=4)
+
+
+def run_fast(model, host, ids, ratio, chunk_store=None):
+    """Blend `ids` with the fast path; the paged caches it wrote, as [layers, T, kv_dim] K and V."""
+    caches = [torch.full((len(ids) + 8, 2, KV_HEADS, D), float("nan"), dtype=torch.float64)
+              for _ in range(LAYERS)]
+    slots = torch.arange(len(ids)) + 8 - 3  # any slots; written where vLLM says
+    fast = fb.FastBlender(blender(model, host, ratio), chunk_store or store())
+    assert fast.blend(ids, None, caches, slots)
+    kv = torch.stack([c[slots] for c in caches])  # [layers, T, 2, kv_heads, D]
+    return kv[:, :, 0].flatten(2), kv[:, :, 1].flatten(2)
+
+
+SYS, CHUNK_A, CHUNK_B, QUESTION = [1, 2, 3, 4, 5], list(range(10, 27)), list(range(30, 41)), [7, 8, 9]
+
+
+def test_nothing_moved_gives_the_full_prefill_at_any_ratio():
+    """Chunk at the positions it was cached at: the cached KV is right, blending must keep it so
+    (a wrong mask, re-rotation or write-back shows here)."""
+    model, host = make_model(), Host()
+    ids = SYS + list(SEP) + CHUNK_A
+    precompute(model, host, ids)
+    want_k, want_v = full_prefill(model, ids)
+    for ratio in (0.05, 0.3, 1.0):
+        k, v = run_fast(model, host, ids, ratio)
+        torch.testing.assert_close(k, want_k)
+        torch.testing.assert_close(v, want_v)
+
+
+def test_ratio_one_is_a_full_prefill_when_chunks_move():
+    model, host = make_model(), Host()
+    precompute(model, host, SYS + list(SEP) + CHUNK_A)
+    precompute(model, host, SYS + list(SEP) + CHUNK_B)
+    ids = SYS + list(SEP) + CHUNK_B + list(SEP) + CHUNK_A  # reordered: A moved, B never cached here
+    want_k, want_v = full_prefill(model, ids)
+    k, v = run_fast(model, host, ids, 1.0)
+    torch.testing.assert_close(k, want_k)
+    torch.testing.assert_close(v, want_v)
+    # a low ratio repairs part of it: nearer the full prefill than the cached KV, farther than 1.0
+    k_low, _ = run_fast(model, host, ids, 0.3)
+    assert 0 < (k_low[-1] - want_k[-1]).norm() < 1e3
+
+
+def test_the_question_segment_and_separators_are_recomputed():
+    """Tokens with no cached KV (separators, an uncached tail) are computed at every layer."""
+    model, host = make_model(), Host()
+    precompute(model, host, SYS + list(SEP) + CHUNK_A)
+    ids = SYS + list(SEP) + CHUNK_A + list(SEP) + QUESTION  # QUESTION: no cache entry
+    want_k, _ = full_prefill(model, ids)
+    k, _ = run_fast(model, host, ids, 0.05)
+    torch.testing.assert_close(k, want_k)  # nothing moved, the tail computed exactly
+
+
+def test_chunks_are_read_from_the_host_once_then_served_from_the_store():
+    model, host = make_model(), Host()
+    precompute(model, host, SYS + list(SEP) + CHUNK_A)
+    s = store()
+    ids = SYS + list(SEP) + CHUNK_A
+    run_fast(model, host, ids, 0.15, s)
+    gets = host.gets
+    assert gets == 2 * LAYERS and all(o.refs == 0 for o in host.objs.values())  # handed back
+    run_fast(model, host, ids, 0.15, s)
+    assert host.gets == gets  # the second prompt never touched the host store
+
+
+def test_store_evicts_least_recently_used_never_the_prompts_own():
+    s = fb.ChunkStore(1, 2, 12, torch.float32, "cpu", page=4)  # 3 pages
+    a = s.allocate("a", 4)
+    assert s.allocate("b", 5) is not None and len(s.free) == 0  # b takes 2 pages
+    assert s.rows("a").tolist() == a.tolist()  # a used: now b is the oldest
+    c = s.allocate("c", 3, keep={"a", "c"})
+    assert c is not None and s.rows("b") is None and s.rows("a") is not None
+    assert s.allocate("d", 8, keep={"a", "c"}) is None  # cannot fit without its own chunks: None
+    assert s.rows("a") is not None and s.rows("c") is not None  # and nothing was lost
+    rows = s.allocate("e", 9)
+    assert rows is not None and len(set(rows.tolist())) == 9 and s.rows("a") is None
+
+
+def test_fast_blend_says_no_without_hits_and_with_no_room():
+    model, host = make_model(), Host()
+    ids = SYS + list(SEP) + CHUNK_A
+    caches = [torch.zeros(len(ids), 2, KV_HEADS, D, dtype=torch.float64) for _ in range(LAYERS)]
+    fast = fb.FastBlender(blender(model, host, 0.15), store())
+    assert not fast.blend(ids, None, caches, torch.arange(len(ids)))  # nothing precomputed
+    precompute(model, host, ids)
+    tiny = fb.FastBlender(blender(model, host, 0.15), store(tokens=8))
+    assert not tiny.blend(ids, None, caches, torch.arange(len(ids)))  # 5 + 17 tokens cannot fit
+
+
+@pytest.mark.parametrize("n_keys,picked", [(300, [0, 1, 2, 127, 128, 200, 299]),
+                                           (1000, sorted(set(torch.randint(0, 1000, (400,)).tolist())))])
+def test_block_lists_are_exact(n_keys, picked):
+    """Every key block a q-block may see is listed (full or partial); a full one is wholly visible."""
+    positions = torch.tensor(picked)
+    lists = fb.exact_causal_blocks(positions, n_keys, block=16)
+    kv_num, kv_idx, full_num, full_idx = (t[0, 0] for t in lists)
+    for qb in range(kv_num.numel()):
+        rows = positions[qb * 16:(qb + 1) * 16]
+        full = set(full_idx[qb, :full_num[qb]].tolist())
+        partial = set(kv_idx[qb, :kv_num[qb]].tolist())
+        assert not full & partial
+        for kb in range(math.ceil(n_keys / 16)):
+            keys = torch.arange(kb * 16, min((kb + 1) * 16, n_keys))
+            visible = keys[None, :] <= rows[:, None]
+            if kb in full:
+                assert visible.all()
+            elif visible.any():
+                assert kb in partial
+
+
+def test_exact_mask_attention_matches_causal_rows():
+    torch.manual_seed(1)
+    n = 300
+    q, k, v = (torch.randn(n, h, D, dtype=torch.float64) for h in (HEADS, KV_HEADS, KV_HEADS))
+    picked = torch.tensor(sorted(set(torch.randint(0, n, (150,)).tolist()) | {0, n - 1}))
+    out = fb.attend_selected(q[picked], k, v, fb.exact_causal_mask(picked, n), D ** -0.5)
+    torch.testing.assert_close(out, causal(q, k, v)[picked])
+
+
+def test_store_that_does_not_fit_says_what_to_change():
+    fb.check_store_fits(4, 0.4, 140e9, 15e9)  # 56 GB share, 15 GB model: fits
+    with pytest.raises(RuntimeError, match="Lower --gpu-kv-store-gb .* or raise --gpu-memory-utilization"):
+        fb.check_store_fits(40, 0.4, 140e9, 15e9)
+    assert fb.store_gb({}) == 4 and fb.store_gb({fb.STORE_ENV: "0.5"}) == 0.5
+    with pytest.raises(ValueError, match="number of GB"):
+        fb.store_gb({fb.STORE_ENV: "lots"})
+
+
+def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, caplog):
+    calls = []
+
+    def original(self, tokens, mask=None, **kwargs):
+        calls.append("lmcache")
+
+    class Fast:
+        def __init__(self, *a):
+            pass
+
+        def blend(self, tokens, mask, kvcaches, slot_mapping):
+            calls.append("fast")
+            if tokens == "boom":
+                raise RuntimeError("boom")
+            return tokens == "fits"
+
+    monkeypatch.setattr(fb, "FastBlender", Fast)
+    monkeypatch.setitem(vp._FAST, "store", object())
+    monkeypatch.setitem(vp._FAST, "failed", False)
+    blend = vp.fast_blend(original)
+    lmc = types.SimpleNamespace()
+    blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
+    blend(lmc, "no room", None, kvcaches=[], slot_mapping=None)
+    assert calls == ["fast", "fast", "lmcache"]
+    with caplog.at_level(logging.ERROR, logger="vllm.kvblend_plugin"):
+        blend(lmc, "boom", None, kvcaches=[], slot_mapping=None)
+    assert "fast blend path failed" in caplog.text and calls[-2:] == ["fast", "lmcache"]
+    calls.clear()
+    blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
+    assert calls == ["lmcache"]  # after a failure, LMCache's blender only
