@@ -161,6 +161,28 @@ def wait_healthy(engines: list[Engine], timeout: float = 300, progress: bool = T
         bar.close()
 
 
+def start_all(engines: list[Engine], timeout: float = 600) -> dict[str, str]:
+    """Start many engines at once (comparisons on one GPU, `scripts/gpu_*.py`) and wait for them.
+    vLLM's start-up memory profiling can fail when several start together: those are retried one
+    at a time. Returns {name: error} of the engines that still did not start (the rest run)."""
+    t0, failed = time.time(), {}
+    for e in engines:
+        launch(e)
+    retry = []
+    for e in engines:
+        try:
+            wait_healthy([e], max(30.0, timeout - (time.time() - t0)), progress=False)
+        except EngineError:
+            retry.append(e)
+    for e in retry:
+        try:
+            launch(e)
+            wait_healthy([e], 300, progress=False)
+        except EngineError as err:
+            failed[e.name] = str(err)[-2000:]
+    return failed
+
+
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import statistics
 import sys
@@ -35,8 +34,15 @@ sys.path.insert(0, str(ROOT))
 from helpers import metrics  # noqa: E402 (torch-free)
 
 RATIOS = (0.05, 0.15, 0.3, 1.0)
-# blend engines to compare: (blend path, ratio); "upstream" is LMCache's blender as shipped
+# blend engines to compare: (blend path, ratio[, deviation k or v]); "upstream" is LMCache's blender
+# as shipped, "fixed" ours mended, "fast" our one-pass blender (helpers/gpu/plugin.py)
 BLENDS = tuple(("fixed", r) for r in RATIOS) + (("upstream", 0.15),)
+
+
+def blend_name(spec: tuple) -> str:
+    """fixed_0.15, fast-v_0.15, ...: path, deviation when not k, ratio."""
+    path, ratio, dev = (*spec, "k")[:3]
+    return f"{path}{'' if dev == 'k' else '-' + dev}_{ratio}"
 FIELDS = ["backend", "model", "engine", "blend_path", "ratio", "prompt_set", "prompts", "first_token_agree",
           "top20_kl_mean", "exact_kl_mean", "gpus"]
 TOPK = 20
@@ -79,11 +85,11 @@ def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------ the device run
-def first_token(client, url: str, model: str, ids: list[int]) -> dict | None:
+def first_token(client, url: str, model: str, ids: list[int], extra: dict | None = None) -> dict | None:
     """The greedy first token and its top-20 logprobs (by token id), from /v1/completions."""
     r = client.post(url + "/v1/completions", json={
         "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": TOPK,
-        "return_tokens_as_token_ids": True})
+        "return_tokens_as_token_ids": True, **(extra or {})})
     if r.status_code != 200:
         print(f"{url}: {r.status_code} {r.text[:300]}", flush=True)
         return None
@@ -96,50 +102,28 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
     import httpx
 
     from helpers import engines as eng
-    from helpers import runtime
+    from helpers.corpus import load_chunks
     from helpers.gpu import launch as gb
     from helpers.prompts import DEFAULT_SYSTEM, chat_prompt_ids
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
-    path = os.pathsep.join([str(ROOT), *gb.plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
     share = round(0.8 / (2 + len(blends)), 3)
     opts = dict(gpu_memory_utilization=share, max_model_len=8192, architecture=None)
-    env = {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": ""}
-    engines = [runtime.Engine(name, port, "vllm", gb.vllm_command(model, port, runtime.HOST, blend=False,
-                                                                  dtype=dtype, **opts), env, model=model)
+    engines = [gb.full_engine(name, port, model, dtype=dtype, **opts)
                for name, port, dtype in (("full", 8100, "bfloat16"), ("full_fp32", 8101, "float32"))]
-    for i, (blend_path, ratio) in enumerate(blends):
-        yaml = runtime.RUN_DIR / f"lmcache-q{i}.yaml"
-        yaml.write_text(gb.lmcache_yaml(ratio, 1, cpu_cache_gb=2.0))
-        rpc = Path(f"/tmp/kvblend-rpc-{i}")  # LMCache's lookup sockets: one folder per engine
-        rpc.mkdir(parents=True, exist_ok=True)
-        cmd = gb.vllm_command(model, 8110 + i, runtime.HOST, blend=True, dtype="bfloat16", **opts)
-        engines.append(runtime.Engine(f"{blend_path}_{ratio}", 8110 + i, "vllm", cmd,
-                                  {**gb.BASE_ENV, "PYTHONPATH": path, "LMCACHE_CONFIG_FILE": str(yaml),
-                                   "KVBLEND_BLEND_PATH": blend_path, "VLLM_RPC_BASE_PATH": str(rpc)},
-                                  model=model))
+    for i, spec in enumerate(blends):
+        path, ratio, dev = (*spec, "k")[:3]
+        engines.append(gb.blend_engine(blend_name(spec), 8110 + i, model, blend_path=path, ratio=ratio,
+                                       gpu_kv_store_gb=1.0, cpu_cache_gb=2.0, dtype="bfloat16",
+                                       env={"KVBLEND_BLEND_DEVIATION": dev}, **opts))
     notes: dict = {"model": model, "blends": list(blends)}
     rows: list[dict] = []
-    started = []
     try:
-        for e in engines:
-            started.append(eng.launch(e))
-        retry = []
-        for e in list(engines):  # vLLM's memory profiling can fail when many start at once: retry
-            try:
-                eng.wait_healthy([e], max(30.0, timeout - (time.time() - t_start)), progress=False)
-            except runtime.EngineError:
-                retry.append(e)
-        for e in retry:  # one at a time; an engine that fails again is reported, the others go on
-            try:
-                eng.launch(e)
-                eng.wait_healthy([e], 240, progress=False)
-            except runtime.EngineError as err:
-                print(f"{e.name} did not start: {err}", flush=True)
-                notes.setdefault("failed", {})[e.name] = str(err)[-2000:]
-                engines.remove(e)
+        notes["failed"] = eng.start_all(engines, timeout)
+        for name, err in notes["failed"].items():
+            print(f"{name} did not start: {err}", flush=True)
+        engines = [e for e in engines if e.name not in notes["failed"]]
         notes["start_s"] = round(time.time() - t_start, 1)
         print(f"engines up in {notes['start_s']} s", flush=True)
         tok = gb.tokenizer_for(model)
@@ -148,31 +132,32 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
         with httpx.Client(timeout=600) as client:
             t0 = time.time()
             for e in (e for e in engines if not e.name.startswith("full")):
-                for text in load_chunks().values():
-                    client.post(e.url + "/v1/completions", json={
-                        "model": model, "prompt": chat_prompt_ids(tok, [text], None), "max_tokens": 1})
+                gb.precompute(e, list(load_chunks().values()), progress=False)
             notes["precompute_s"] = round(time.time() - t0, 1)
             raw = {}
             for set_name, prompts in prompt_sets().items():
                 if sets and set_name not in sets:
                     continue
                 ids = [chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
-                answers = {e.name: [first_token(client, e.url, model, p) for p in ids] for e in engines}
+                answers = {e.name: [first_token(client, e.url, model, p, None if e.name.startswith("full")
+                                                else gb.NO_SAVE) for p in ids] for e in engines}
                 raw[set_name] = {"tokens": [len(p) for p in ids],
                                  "answers": {k: [a and {"token": a["token"], "top": a["top"]} for a in v]
                                              for k, v in answers.items()}}
                 for name, s in summarize(answers, "full").items():
                     ratio = "" if name.startswith("full") else name.split("_", 1)[1]
+                    path = "" if name.startswith("full") else name.split("_", 1)[0]
                     rows.append({"backend": "vllm", "model": "SmolLM2-135M-Instruct (bf16)", "engine": name,
-                                 "ratio": ratio, "prompt_set": set_name, **s, "exact_kl_mean": ""})
+                                 "blend_path": path, "ratio": ratio, "prompt_set": set_name, **s,
+                                 "exact_kl_mean": ""})
                     print(set_name, name, s, flush=True)
         write_csv(out / "quality.csv", rows)
         (out / "raw.json").write_text(json.dumps(raw))
     finally:
-        for e in started:
+        for e in engines:
             eng.stop_engine(e)
         with open(out / "logs.txt", "wb") as f:  # one file: the device returns few files
-            for e in started:
+            for e in engines:
                 if e.log.exists():
                     f.write(f"\n===== {e.name} =====\n".encode() + e.log.read_bytes()[-300_000:])
         notes["wall_s"] = round(time.time() - t_start, 1)
@@ -238,7 +223,8 @@ def main(argv=None) -> int:
     d.add_argument("--model", required=True)
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--blends", default=",".join(f"{p}:{r}" for p, r in BLENDS),
-                   help="blend engines as PATH:RATIO, PATH fixed or upstream")
+                   help="blend engines as PATH:RATIO[:DEVIATION], PATH fast, fixed or upstream, "
+                        "DEVIATION k (default) or v")
     e = sub.add_parser("embedded")
     e.add_argument("--out", type=Path, required=True, help="CSV to write")
     e.add_argument("--sets", default="qa", help="prompt sets: qa, same_pos, reordered")
@@ -247,7 +233,7 @@ def main(argv=None) -> int:
         embedded(a.out, sets=tuple(a.sets.split(",")))
         return 0
     if a.cmd == "device":
-        blends = tuple((p, float(r)) for p, r in (b.split(":") for b in a.blends.split(",")))
+        blends = tuple((b[0], float(b[1]), *b[2:]) for b in (x.split(":") for x in a.blends.split(",")))
         return 0 if device(a.model, a.out, blends) else 1
     return 1
 

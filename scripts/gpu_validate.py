@@ -1,20 +1,21 @@
-"""Validate the GPU backend on real GPUs and measure TTFT, blend vs baseline (results in docs/gpu.md).
+"""Validate the GPU backend on a GPU and measure TTFT: plain vLLM vs each blend path (docs/gpu.md).
 
     python scripts/gpu_validate.py model 7b DIR [--tokenizer SRC]   # dummy-weight model folder
     python scripts/gpu_validate.py selftest OUT.json                # 4-D KV transfer vs lmcache.c_ops
-    python scripts/gpu_validate.py bench --label 7B --out DIR       # against running engines
     python scripts/gpu_validate.py device --shape 7b --out DIR      # all of it, on the device machine
 
 `model` writes a config of a real shape (Mistral-7B-Instruct-v0.2; a Yi-34B-like Llama with 60
 layers) with SmolLM2's tokenizer, for `--load-format dummy`: random weights, so TTFT is realistic
-for the shape and the text is garbage. `bench` precomputes the chunks (unless the launcher did),
-then for each size sends reordered-chunk prompts (a different random subset and order each time) to
-both engines one after the other: streaming completions through the openai client, max_tokens 1,
-TTFT = time to the first streamed choice, median over the queries after one warm-up. It reads the
-blend engine's log for LMCache's hit count of every query. `device` starts both engines through
-`./launch_engines.sh --backend vllm`, runs selftest and bench, and copies the logs to --out.
-`--merge 1,4` (bench, device) measures each size also with every 4 consecutive corpus chunks joined
-into one document: prompts of the same length with 4 times fewer segments (precomputed first).
+for the shape and the text is garbage. `device` starts plain vLLM and one blend engine per
+`--paths` (fast, fixed, upstream: see helpers/gpu/plugin.py) on one GPU, all at once or, with
+`--one-at-a-time`, in turn (a 34B model does not fit twice). It precomputes the corpus chunks on
+each blend engine, then times the same prompts on every engine: for each size, reordered-chunk
+prompts (a different random subset and order each time, identical ids for every engine), streaming
+completions through the openai client, max_tokens 1, TTFT = time to the first streamed choice,
+median over the queries after one warm-up. It reads each blend engine's log for LMCache's hit count
+of every query. `--profile 8192` also runs one request of that size per engine under vLLM's torch
+profiler and keeps its table. `--merge 1,4` measures each size also with every 4 consecutive corpus
+chunks joined into one document: prompts of the same length with 4 times fewer segments.
 """
 
 from __future__ import annotations
@@ -154,14 +155,15 @@ def pick(cost: dict[str, int], budget: int, seed: str) -> list[str]:
     return picked
 
 
-def ttft(client, model: str, ids: list[int]) -> float:
+def ttft(client, model: str, ids: list[int], extra: dict | None = None) -> float:
     """Seconds to the first streamed choice (max_tokens 1: the prefill).
 
     The ids go in `extra_body`: given as `prompt=`, the openai SDK walks the list item by item
     (~0.3 s of client CPU for 32K ids), which would land in both engines' TTFT."""
     t0 = time.perf_counter()
     first = None
-    for event in client.completions.create(model=model, prompt="", extra_body={"prompt": ids}, max_tokens=1,
+    body = {"prompt": ids, **(extra or {})}
+    for event in client.completions.create(model=model, prompt="", extra_body=body, max_tokens=1,
                                            temperature=0, stream=True):
         if first is None and event.choices:
             first = time.perf_counter() - t0
@@ -184,10 +186,10 @@ def engine_ttft(url: str) -> tuple[float, float] | None:
     return (got["sum"], got["count"]) if len(got) == 2 else None
 
 
-def timed(client, e, model: str, ids: list[int]) -> tuple[float, float | None]:
+def timed(client, e, model: str, ids: list[int], extra: dict) -> tuple[float, float | None]:
     """(client TTFT ms, engine-side TTFT ms or None)."""
     before = engine_ttft(e.url)
-    ms = ttft(client, model, ids) * 1e3
+    ms = ttft(client, model, ids, extra) * 1e3
     after = engine_ttft(e.url)
     if before and after and after[1] == before[1] + 1:
         return ms, (after[0] - before[0]) * 1e3
@@ -202,86 +204,122 @@ def log_hits(log: Path, offset: int) -> list[tuple[int, int]]:
     return [(int(m[1]), int(m[3])) for m in HIT_RE.finditer(text)]
 
 
-def bench(label: str, gpus: str, sizes: list[int], queries: int, out: Path, precompute: bool,
-          deadline: float, merges: tuple[int, ...] = (1,)) -> list[dict]:
+def prompts(tok, sizes: list[int], queries: int, label: str, merges: tuple[int, ...]) -> list[dict]:
+    """The bench's prompts, the same for every engine: per size (and merge), queries + 1 random
+    subsets of chunks in random order (the first is a warm-up), as identical chat ids."""
+    base, source = corpus_chunks()
+    overhead = len(chat_prompt_ids(tok, [], QUESTION)) + 8
+    out = []
+    for m in merges:
+        chunks = merge_chunks(base, m)
+        cost = {n: len(tok.encode(t, add_special_tokens=False)) + len(separator_ids(tok))
+                for n, t in chunks.items()}  # a chunk brings a separator
+        for size in sizes:
+            for k in range(queries + 1):
+                names = pick(cost, size - overhead, f"{label}-{size}-{k}" + (f"-m{m}" if m > 1 else ""))
+                out.append({"size": size, "merge": m, "query": k, "chunks": len(names), "source": source,
+                            "ids": chat_prompt_ids(tok, [chunks[n] for n in names], QUESTION)})
+    return out
+
+
+def measure(e, model: str, todo: list[dict], deadline: float) -> list[dict]:
+    """Time every prompt on engine `e` (a blend engine stores nothing of them: NO_SAVE)."""
     import openai
 
-    blend, full = eng.find("blend"), eng.find("full")
-    clients = {e.name: openai.OpenAI(base_url=e.url + "/v1", api_key="local", max_retries=0, timeout=900)
-               for e in (blend, full)}
-    model = blend.model or clients["blend"].models.list().data[0].id
-    tok = gpu.tokenizer_for(model)
-    base, source = corpus_chunks()
-    docs = {m: merge_chunks(base, m) for m in merges}
-    for m, chunks in docs.items():
-        if precompute or m > 1:  # the launcher precomputes the corpus chunks, not merged documents
-            print(f"precompute (merge {m}):", eng.precompute(blend, list(chunks.values()), progress=False),
-                  flush=True)
-    overhead = len(chat_prompt_ids(tok, [], QUESTION)) + 8
-    costs = {m: {n: len(tok.encode(t, add_special_tokens=False)) + len(separator_ids(tok))
-                 for n, t in chunks.items()} for m, chunks in docs.items()}  # a chunk brings a separator
-    rows, raw = [], []
-    for size, m in ((size, m) for size in sizes for m in merges):
+    client = openai.OpenAI(base_url=e.url + "/v1", api_key="local", max_retries=0, timeout=900)
+    extra = {} if e.name == "full" else gpu.NO_SAVE
+    samples = []
+    for p in todo:
         if time.time() > deadline:
-            print(f"skipping {size} (merge {m}): out of time", flush=True)
-            continue
-        chunks, samples = docs[m], []
-        for k in range(queries + 1):  # the first is a warm-up
-            names = pick(costs[m], size - overhead, f"{label}-{size}-{k}" + (f"-m{m}" if m > 1 else ""))
-            texts = [chunks[n] for n in names]
-            p_blend = p_full = chat_prompt_ids(tok, texts, QUESTION)  # identical ids for both
-            offset = blend.log.stat().st_size
-            s = {"size": size, "merge": m, "query": k, "chunks": len(names), "blend_tokens": len(p_blend),
-                 "full_tokens": len(p_full), "warmup": k == 0}
-            try:
-                s["blend_ms"], s["blend_engine_ms"] = timed(clients["blend"], blend, model, p_blend)
-                s["full_ms"], s["full_engine_ms"] = timed(clients["full"], full, model, p_full)
-            except openai.APIError as err:
-                s["error"] = str(err)[:300]
-            time.sleep(0.2)  # let the engine's log reach the file
-            hits = log_hits(blend.log, offset)
-            if hits:
-                s["logged_total"], s["hit_tokens"] = hits[-1]
-            samples.append(s)
-            print(json.dumps(s), flush=True)
-        raw += samples
-        good = [s for s in samples if not s["warmup"] and "blend_ms" in s]
-        if not good:
-            continue
-        blend_ms = statistics.median(s["blend_ms"] for s in good)
-        full_ms = statistics.median(s["full_ms"] for s in good)
-        eng_ms = {n: [s[f"{n}_engine_ms"] for s in good if s.get(f"{n}_engine_ms")]
-                  for n in ("blend", "full")}
-        hit = [s["hit_tokens"] / s["logged_total"] for s in good if s.get("logged_total")]
-        rows.append({"model_shape": label, "gpus": gpus, "target_tokens": size,
-                     "prompt_tokens": int(statistics.median(s["blend_tokens"] for s in good)),
-                     "queries": len(good), "full_ttft_ms": round(full_ms, 1),
-                     "blend_ttft_ms": round(blend_ms, 1), "speedup": round(full_ms / blend_ms, 2),
-                     "lmcache_hit_pct": round(100 * statistics.median(hit), 1) if hit else "",
-                     **{f"{n}_engine_ms": round(statistics.median(v), 1) if v else ""
-                        for n, v in eng_ms.items()},
-                     "merge": m, "chunks": int(statistics.median(s["chunks"] for s in good))})
-        write_results(out, label, rows, raw, source, merged=merges != (1,))
+            print(f"{e.name}: out of time at {p['size']}", flush=True)
+            break
+        s = {"engine": e.name, **{k: p[k] for k in ("size", "merge", "query", "chunks")},
+             "tokens": len(p["ids"])}
+        offset = e.log.stat().st_size
+        try:
+            s["ms"], s["engine_ms"] = timed(client, e, model, p["ids"], extra)
+        except openai.APIError as err:
+            s["error"] = str(err)[:300]
+        time.sleep(0.2)  # let the engine's log reach the file
+        hits = log_hits(e.log, offset)
+        if hits:
+            s["logged_total"], s["hit_tokens"] = hits[-1]
+        samples.append(s)
+        print(json.dumps(s), flush=True)
+    return samples
+
+
+def profile(e, model: str, ids: list[int], out: Path) -> None:
+    """One request under vLLM's torch profiler (the engine runs with --profiler-config): its table of
+    CUDA time per op lands in out/profile_<engine>.txt."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=e.url + "/v1", api_key="local", max_retries=0, timeout=900)
+    httpx.post(e.url + "/start_profile", timeout=120)
+    ms = ttft(client, model, ids, {} if e.name == "full" else gpu.NO_SAVE) * 1e3
+    httpx.post(e.url + "/stop_profile", timeout=600)
+    table = Path(e.env["KVBLEND_PROFILE_DIR"]) / "profiler_out_0.txt"
+    for _ in range(60):
+        if table.exists():
+            break
+        time.sleep(1)
+    text = table.read_text() if table.exists() else "(no table written)"
+    head = f"{len(ids)} tokens, TTFT {ms:.1f} ms under the profiler\n"
+    (out / f"profile_{e.name}.txt").write_text(head + text)
+
+
+def summarize(label: str, gpus: str, samples: list[dict]) -> list[dict]:
+    """One row per (size, merge, blend path): medians over the measured queries (not the warm-up)."""
+    good = [s for s in samples if s["query"] > 0 and "ms" in s]
+    full = {(s["size"], s["merge"], s["query"]): s for s in good if s["engine"] == "full"}
+    rows = []
+    for path in sorted({s["engine"] for s in good} - {"full"}):
+        for size, m in sorted({(s["size"], s["merge"]) for s in good if s["engine"] == path}):
+            pairs = [(s, full[(size, m, s["query"])]) for s in good
+                     if s["engine"] == path and (s["size"], s["merge"]) == (size, m) and
+                     (size, m, s["query"]) in full]
+            if not pairs:
+                continue
+            blend_ms = statistics.median(b["ms"] for b, _ in pairs)
+            full_ms = statistics.median(f["ms"] for _, f in pairs)
+            hit = [b["hit_tokens"] / b["logged_total"] for b, _ in pairs if b.get("logged_total")]
+            eng_ms = {n: [x[i].get("engine_ms") for x in pairs if x[i].get("engine_ms")]
+                      for i, n in ((0, "blend"), (1, "full"))}
+            rows.append({"model_shape": label, "gpus": gpus, "target_tokens": size,
+                         "prompt_tokens": int(statistics.median(b["tokens"] for b, _ in pairs)),
+                         "queries": len(pairs), "full_ttft_ms": round(full_ms, 1),
+                         "blend_ttft_ms": round(blend_ms, 1), "speedup": round(full_ms / blend_ms, 2),
+                         "lmcache_hit_pct": round(100 * statistics.median(hit), 1) if hit else "",
+                         **{f"{n}_engine_ms": round(statistics.median(v), 1) if v else ""
+                            for n, v in eng_ms.items()},
+                         "blend_path": path, "ids": "identical", "merge": m,
+                         "chunks": int(statistics.median(b["chunks"] for b, _ in pairs))})
     return rows
 
 
-def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], source: str,
-                  merged: bool = False) -> None:
+def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], merged: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     slug = label.split()[0].lower()
     with open(out / f"ttft_{slug}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, CSV_FIELDS + (["merge", "chunks"] if merged else []), extrasaction="ignore")
         w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (r["target_tokens"], r["merge"])))
-    (out / f"raw_{slug}.json").write_text(json.dumps({"chunks": source, "samples": raw}, indent=1))
+        w.writerows(sorted(rows, key=lambda r: (r["blend_path"], r["target_tokens"], r["merge"])))
+    (out / f"raw_{slug}.json").write_text(json.dumps({"samples": raw}, indent=1))
 
 
 # ------------------------------------------------------------------ the device run
 def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: float, run_selftest: bool,
-           merges: tuple[int, ...] = (1,)) -> int:
+           merges: tuple[int, ...] = (1,), paths: tuple[str, ...] = ("fast", "fixed", "upstream"),
+           one_at_a_time: bool = False, store_gb: float = 8.0, profile_size: int = 0) -> int:
+    """Start plain vLLM and one blend engine per path (all at once on one GPU, or one at a time for
+    models too big to share it), precompute the corpus on each blend engine, time the same prompts on
+    every engine, and optionally profile one request of `profile_size` tokens per engine."""
+
     t_start = time.time()
+    deadline = t_start + budget_s
     out.mkdir(parents=True, exist_ok=True)
-    notes = {"shape": shape}
+    notes = {"shape": shape, "paths": list(paths), "one_at_a_time": one_at_a_time, "store_gb": store_gb}
     model = ROOT / ".gpu" / "models" / shape
     if not (model / "config.json").exists():
         make_model(shape, model, ROOT / ".cache" / "smollm2-f32")
@@ -291,36 +329,68 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
                               capture_output=True, text=True)
         notes["selftest_rc"] = test.returncode
         print(test.stdout + test.stderr[-3000:], flush=True)
-    gpus = gpu.visible_gpus()
-    layout = f"{len(gpus)}x H200" if len(gpus) >= 2 else "1x H200 (shared)"
-    t0 = time.time()
-    launch = subprocess.run(["./launch_engines.sh", "--backend", "vllm", "--model", str(model),
-                             "--load-format", "dummy", "--timeout", "420"],
-                            cwd=ROOT, capture_output=True, text=True)
-    notes["launch_s"] = round(time.time() - t0, 1)
-    notes["launch_rc"] = launch.returncode
-    (out / f"launch_{shape}.log").write_text(launch.stdout + launch.stderr)
-    print(launch.stdout + launch.stderr, flush=True)
-    rows = []
+    share = 0.85 if one_at_a_time else round(0.85 / (1 + len(paths)), 3)
+    layout = "1x H200 (one engine at a time)" if one_at_a_time else f"1x H200 (shared by {1 + len(paths)})"
+    opts = dict(gpu_memory_utilization=share, max_model_len=32768, load_format="dummy", dtype="bfloat16",
+                architecture=gpu.served_architecture(gpu.model_config(str(model)), str(model)))
+
+    def profiled(name):
+        if not profile_size:
+            return {}
+        d = runtime.RUN_DIR / f"profile-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = {"profiler": "torch", "torch_profiler_dir": str(d), "torch_profiler_with_stack": False}
+        return {"extra_args": ("--profiler-config", json.dumps(cfg)), "env": {"KVBLEND_PROFILE_DIR": str(d)}}
+
+    engines = [gpu.full_engine("full", 8001, str(model), **opts, **profiled("full"))]
+    for i, path in enumerate(paths):
+        kw = profiled(path)
+        engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path, gpu_kv_store_gb=store_gb,
+                                        cpu_cache_gb=40.0, **opts, **kw))
+    tok = gpu.tokenizer_for(str(model))
+    todo = prompts(tok, sizes, queries, LABELS[shape], merges)
+    texts = {t for m in merges for t in merge_chunks(corpus_chunks()[0], m).values()}
+    raw: list[dict] = []
+    rows: list[dict] = []
+    groups = [[e] for e in engines] if one_at_a_time else [engines]
     try:
-        if launch.returncode == 0:
-            precomputed = "chunk KV ready" in launch.stdout
-            rows = bench(LABELS[shape], layout, sizes, queries, out, not precomputed, t_start + budget_s,
-                         merges)
+        for group in groups:
+            t0 = time.time()
+            failed = eng.start_all(group, 600)
+            notes.setdefault("failed", {}).update(failed)
+            up = [e for e in group if e.name not in failed]
+            notes.setdefault("start_s", []).append(round(time.time() - t0, 1))
+            for e in up:
+                if e.name != "full":
+                    t0 = time.time()
+                    gpu.precompute(e, sorted(texts), progress=False)
+                    notes.setdefault("precompute_s", {})[e.name] = round(time.time() - t0, 1)
+            for e in up:
+                raw += measure(e, str(model), todo, deadline)
+                if profile_size and e.name != "upstream":
+                    one = next((p for p in todo if p["size"] == profile_size and p["query"] == 1), None)
+                    if one:
+                        profile(e, str(model), one["ids"], out)
+            rows = summarize(LABELS[shape], layout, raw)
+            write_results(out, LABELS[shape], rows, raw, merged=merges != (1,))
+            if one_at_a_time:
+                for e in group:
+                    eng.stop_engine(e)
     finally:
-        log = runtime.RUN_DIR / "blend.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        notes["plugin_active_lines"] = text.count("kvblend plugin active")
-        notes["double_unpin_lines"] = text.count("Double unpin")
-        notes["model_registered"] = "Registering vllm model for vllm-instance" in text
-        notes["blender_created"] = "Creating blender for vllm-instance" in text
-        notes["logged_requests_with_hits"] = sum(1 for m in HIT_RE.finditer(text) if int(m[3]) > 0)
-        eng.stop()
-        for name in ("blend", "full"):
-            src = runtime.RUN_DIR / f"{name}.log"
-            if src.exists():  # the last 4 MB is plenty and stays under the copy-back limit
-                data = src.read_bytes()[-4_000_000:]
-                (out / f"{name}_{shape}.log").write_bytes(data)
+        for e in engines:
+            text = e.log.read_text(errors="replace") if e.log.exists() else ""
+            notes.setdefault("log", {})[e.name] = {
+                "plugin_active": text.count("kvblend plugin active"),
+                "fast_store": text.count("GPU chunk store of"),
+                "fast_failed": text.count("fast blend path failed"),
+                "fast_no_room": text.count("no room in the GPU chunk store"),
+                "double_unpin": text.count("Double unpin"),
+                "requests_with_hits": sum(1 for m in HIT_RE.finditer(text) if int(m[3]) > 0)}
+            eng.stop_engine(e)
+        with open(out / f"logs_{shape}.txt", "wb") as f:  # one file: the device returns few
+            for e in engines:
+                if e.log.exists():
+                    f.write(f"\n===== {e.name} =====\n".encode() + e.log.read_bytes()[-1_500_000:])
         notes["rows"] = rows
         notes["wall_s"] = round(time.time() - t_start, 1)
         (out / f"notes_{shape}.json").write_text(json.dumps(notes, indent=2))
@@ -337,32 +407,28 @@ def main(argv=None) -> int:
     m.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "smollm2-f32")
     s = sub.add_parser("selftest")
     s.add_argument("out", type=Path, nargs="?")
-    for p in (sub.add_parser("bench"), sub.add_parser("device")):
-        p.add_argument("--out", type=Path, required=True)
-        p.add_argument("--sizes", default="32768,16384,8192,4096,2048")
-        p.add_argument("--queries", type=int, default=4)
-        p.add_argument("--budget-s", type=float, default=500, help="stop starting new sizes after this")
-        p.add_argument("--merge", default="1", help="join N consecutive chunks into one document; "
-                       "a list (1,4) measures each size with each")
-        if p.prog.endswith("bench"):
-            p.add_argument("--label", required=True)
-            p.add_argument("--gpus", default="")
-            p.add_argument("--precompute", action="store_true")
-        else:
-            p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-            p.add_argument("--selftest", action="store_true")
+    d = sub.add_parser("device")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    d.add_argument("--sizes", default="32768,16384,8192,4096,2048")
+    d.add_argument("--queries", type=int, default=4)
+    d.add_argument("--budget-s", type=float, default=500, help="stop timing new prompts after this")
+    d.add_argument("--merge", default="1", help="join N consecutive chunks into one document; "
+                   "a list (1,4) measures each size with each")
+    d.add_argument("--paths", default="fast,fixed,upstream", help="blend paths, one engine each")
+    d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
+    d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
+    d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")
+    d.add_argument("--selftest", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "model":
         print(make_model(a.shape, a.dir, a.tokenizer))
         return 0
     if a.cmd == "selftest":
         return 0 if selftest(a.out)["ok"] else 1
-    sizes = [int(x) for x in a.sizes.split(",")]
-    merges = tuple(int(x) for x in a.merge.split(","))
-    if a.cmd == "bench":
-        rows = bench(a.label, a.gpus, sizes, a.queries, a.out, a.precompute, time.time() + a.budget_s, merges)
-        return 0 if rows else 1
-    return device(a.shape, a.out, sizes, a.queries, a.budget_s, a.selftest, merges)
+    return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
+                  tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
+                  a.store_gb, a.profile)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def plugin_path() -> list[str]:
 
 def vllm_command(model: str, port: int, host: str, *, blend: bool, gpu_memory_utilization: float,
                  max_model_len: int, load_format: str | None = None, dtype: str = "auto",
-                 architecture: str | None = None) -> list[str]:
+                 architecture: str | None = None, extra_args: tuple = ()) -> list[str]:
     """`vllm serve` for one engine. Both: eager, no prefix cache, whole prompt in one prefill step
     (LMCache blends a prompt in one step), HF tokenizer (the ids we send are built with it)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", host,
@@ -200,7 +200,7 @@ def vllm_command(model: str, port: int, host: str, *, blend: bool, gpu_memory_ut
     if blend:
         connector = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
         cmd += ["--kv-transfer-config", json.dumps(connector)]
-    return cmd
+    return cmd + list(extra_args)
 
 
 def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST,
@@ -227,22 +227,46 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
         max_model_len = min(int((config or {}).get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN),
                             DEFAULT_MAX_MODEL_LEN)
 
-    runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
-    yaml_path = runtime.RUN_DIR / "lmcache-blend.yaml"
-    yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
-    path = os.pathsep.join([str(runtime.ROOT), *plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
-    key = {"VLLM_API_KEY": runtime.api_key()} if runtime.api_key() else {}  # vllm serve's --api-key
     opts = dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 load_format=load_format, dtype=dtype, architecture=architecture)
-    return [
-        Engine("blend", blend_port, "vllm", vllm_command(model, blend_port, host, blend=True, **opts),
-               {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": blend_gpu,
-                "LMCACHE_CONFIG_FILE": str(yaml_path), "KVBLEND_BLEND_PATH": blend_path,
-                "KVBLEND_GPU_KV_STORE_GB": str(gpu_kv_store_gb)}, host=host, model=model),
-        Engine("full", full_port, "vllm", vllm_command(model, full_port, host, blend=False, **opts),
-               {**BASE_ENV, **key, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": full_gpu,
-                "LMCACHE_CONFIG_FILE": ""}, host=host, model=model),
-    ]
+    blend = blend_engine("blend", blend_port, model, host=host, blend_path=blend_path, ratio=ratio,
+                         check_layer=check_layer, gpu_kv_store_gb=gpu_kv_store_gb, chunk_size=chunk_size,
+                         cpu_cache_gb=cpu_cache_gb, env={"CUDA_VISIBLE_DEVICES": blend_gpu}, **opts)
+    return [blend, full_engine("full", full_port, model, host=host, env={"CUDA_VISIBLE_DEVICES": full_gpu},
+                               **opts)]
+
+
+def engine_env(extra: dict) -> dict:
+    """Environment of a vLLM engine: ours (no telemetry, the plugin on the path, the API key) + extra."""
+    path = os.pathsep.join([str(runtime.ROOT), *plugin_path(), *filter(None, [os.environ.get("PYTHONPATH")])])
+    key = {"VLLM_API_KEY": runtime.api_key()} if runtime.api_key() else {}  # vllm serve's --api-key
+    return {**BASE_ENV, **key, "PYTHONPATH": path, **extra}
+
+
+def full_engine(name: str, port: int, model: str, host: str = HOST, env: dict | None = None,
+                **opts) -> Engine:
+    """A plain vLLM engine (`opts`: vllm_command's); LMCache off."""
+    return Engine(name, port, "vllm", vllm_command(model, port, host, blend=False, **opts),
+                  engine_env({"LMCACHE_CONFIG_FILE": "", **(env or {})}), host=host, model=model)
+
+
+def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = "fast",
+                 ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
+                 gpu_kv_store_gb: float = 4.0, chunk_size: int = 256, cpu_cache_gb: float = 16.0,
+                 env: dict | None = None, **opts) -> Engine:
+    """A vLLM + LMCache blend engine, with its own LMCache YAML in `.engines/` (and, for any name but
+    `blend`, its own folder for LMCache's lookup sockets, so several can run side by side)."""
+    runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    yaml_path = runtime.RUN_DIR / ("lmcache-blend.yaml" if name == "blend" else f"lmcache-{name}.yaml")
+    yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
+    extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), "KVBLEND_BLEND_PATH": blend_path,
+             "KVBLEND_GPU_KV_STORE_GB": str(gpu_kv_store_gb)}
+    if name != "blend":
+        rpc = runtime.RUN_DIR / f"rpc-{name}"
+        rpc.mkdir(parents=True, exist_ok=True)
+        extra["VLLM_RPC_BASE_PATH"] = str(rpc)
+    return Engine(name, port, "vllm", vllm_command(model, port, host, blend=True, **opts),
+                  engine_env({**extra, **(env or {})}), host=host, model=model)
 
 
 # ------------------------------------------------------------------ prompts
@@ -255,26 +279,32 @@ def tokenizer_for(model: str):
 
 
 def precompute(engine: Engine, texts: list[str], progress: bool = True, system: str = DEFAULT_SYSTEM) -> dict:
-    """Store every chunk's KV in LMCache once: prefill the chat prefix + SEP + chunk, max_tokens 1."""
+    """Store every chunk's KV in LMCache once: prefill the chat prefix + SEP + chunk, max_tokens 1.
+    On the fast path a second round asks the same prompts without storing: they blend, which loads
+    every chunk into the GPU chunk store (as far as it holds them), so the first question is fast too."""
     import httpx
     from tqdm.auto import tqdm
 
     t0, tokens = time.perf_counter(), 0
+    rounds = [("precomputing chunk KV", {})]
+    if engine.env.get("KVBLEND_BLEND_PATH") == "fast":
+        rounds.append(("loading chunk KV into GPU memory", NO_SAVE))
     with httpx.Client(timeout=600, headers=runtime.auth_headers()) as client:
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
-        for text in tqdm(texts, desc="precomputing chunk KV", unit="chunk", disable=not progress):
-            ids = chat_prompt_ids(tok, [text], None, system)
-            try:
-                r = client.post(engine.url + "/v1/completions",
-                                json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0})
-            except httpx.HTTPError as err:
-                raise EngineError(f"The blend engine at {engine.url} did not answer ({err}); see "
-                                  f"{engine.log}.") from err
-            if r.status_code != 200:
-                raise EngineError(f"The blend engine refused a precompute request ({r.status_code}): "
-                                  f"{r.text[:300]}. See {engine.log}.")
-            tokens += len(ids)
+        for desc, extra in rounds:
+            for text in tqdm(texts, desc=desc, unit="chunk", disable=not progress):
+                ids = chat_prompt_ids(tok, [text], None, system)
+                try:
+                    r = client.post(engine.url + "/v1/completions", json={
+                        "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, **extra})
+                except httpx.HTTPError as err:
+                    raise EngineError(f"The blend engine at {engine.url} did not answer ({err}); see "
+                                      f"{engine.log}.") from err
+                if r.status_code != 200:
+                    raise EngineError(f"The blend engine refused a precompute request ({r.status_code}): "
+                                      f"{r.text[:300]}. See {engine.log}.")
+                tokens += len(ids) if not extra else 0
     return {"tokens": tokens, "computed": len(texts), "seconds": round(time.perf_counter() - t0, 2)}
 
 
