@@ -5,7 +5,9 @@ without a GPU, vLLM, LMCache or the weights.
 Needs `KVBLEND_GPU_MODEL`: a folder with real SmolLM2-135M-Instruct weights in bf16, as
 `python -m helpers.embedded.model --bf16 DIR` writes it (see docs/gpu.md for carrying it to a GPU
 machine). Starts one full-prefill engine in bf16, one in float32 (the bf16 noise floor) and blend
-engines at three ratios on one GPU, then scores the first token of the QA prompts (a few minutes).
+engines on one GPU: the fixed path at three ratios, the fast path (issue 10) at two, both paths
+selecting by V as well, then scores the first token of the QA prompts (a few minutes). With
+`KVBLEND_GPU_OUT=DIR` the scores are also written to DIR/quality.csv.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def scores(tmp_path_factory) -> dict:
     import gpu_quality
 
     os.environ.setdefault("KVBLEND_SHARE_GPU", "1")
-    rows = gpu_quality.device(MODEL, tmp_path_factory.mktemp("quality"),
-                              blends=(("fixed", 0.05), ("fixed", 0.15), ("fixed", 1.0)),
-                              sets=("qa", "same_pos"))
+    out = Path(os.environ.get("KVBLEND_GPU_OUT") or tmp_path_factory.mktemp("quality"))
+    rows = gpu_quality.device(MODEL, out, sets=("qa", "same_pos"), blends=(
+        ("fixed", 0.05), ("fixed", 0.15), ("fixed", 1.0), ("fast", 0.15), ("fast", 1.0),
+        ("fixed", 0.15, "v"), ("fast", 0.15, "v")))
     return {(r["engine"], r["prompt_set"]): r for r in rows}
 
 
@@ -81,3 +84,14 @@ def test_ratio_015_agrees_and_kl_falls_with_the_ratio(scores):
 def test_ratio_015_within_the_embedded_engine_bound(scores):
     floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
     assert scores[("fixed_0.15", "qa")]["top20_kl_mean"] <= 1.2 * embedded_kl(0.15) + floor
+
+
+def test_fast_path_gives_the_fixed_paths_answers(scores):
+    """Issue 10: the fast path is the same algorithm; only bf16 noise may separate it from fixed."""
+    floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
+    fast, fixed = scores[("fast_0.15", "qa")], scores[("fixed_0.15", "qa")]
+    assert fast["first_token_agree"] >= fixed["first_token_agree"] - 1
+    assert abs(fast["top20_kl_mean"] - fixed["top20_kl_mean"]) <= floor + 0.005
+    assert scores[("fast_1.0", "qa")]["top20_kl_mean"] <= 2 * floor + 0.002
+    assert scores[("fast_0.15", "same_pos")]["top20_kl_mean"] <= 2 * scores[("full_fp32", "same_pos")][
+        "top20_kl_mean"] + 0.002
