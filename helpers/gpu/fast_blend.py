@@ -131,18 +131,20 @@ def exact_causal_mask(positions: torch.Tensor, n_keys: int):
     Built from block lists computed on the device: no n x N mask, no host sync."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    kv_num, kv_idx, full_num, full_idx = exact_causal_blocks(positions, n_keys)
-    pad = kv_num.shape[-1] * BLOCK - positions.numel()  # the last q-block's rows past n read these
+    pad = -(-positions.numel() // BLOCK) * BLOCK - positions.numel()  # last q-block's rows past n
     padded = torch.cat([positions, positions[-1:].expand(pad)])
 
     def sees(b, h, q_idx, kv_idx):
         return kv_idx <= padded[q_idx]
 
-    kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=sees, seq_lengths=(positions.numel(), n_keys))
-    try:
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
-    except TypeError:  # a torch without compute_q_blocks
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
+    lists = exact_causal_blocks(positions, n_keys)
+    for extra in ({"seq_lengths": (positions.numel(), n_keys), "compute_q_blocks": False},
+                  {"seq_lengths": (positions.numel(), n_keys)}, {}):  # newest torch first
+        try:
+            return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=sees, **extra)
+        except TypeError:
+            continue
+    raise RuntimeError("torch's BlockMask.from_kv_blocks takes none of the known signatures")
 
 
 _FLEX = {}

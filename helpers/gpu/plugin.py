@@ -304,7 +304,8 @@ def _make_fast_store(worker, model) -> None:
         log.warning("fast blend path without a GPU chunk store (%s=0): prompts go through LMCache's "
                     "blender", fb.STORE_ENV)
         return
-    util = float(worker.cache_config.gpu_memory_utilization)
+    cache_config = getattr(worker, "cache_config", None) or worker.vllm_config.cache_config
+    util = float(cache_config.gpu_memory_utilization)
     device = next(model.parameters()).device
     used = int(worker.model_runner.model_memory_usage)
     fb.check_store_fits(gb, util, torch.cuda.get_device_properties(device).total_memory, used)
