@@ -2,6 +2,7 @@
 
     python scripts/gpu_validate.py model 7b DIR [--tokenizer SRC]   # dummy-weight model folder
     python scripts/gpu_validate.py selftest OUT.json                # 4-D KV transfer vs lmcache.c_ops
+    python scripts/gpu_validate.py flex [OUT.json]                  # the fast path's attention: exact, fast
     python scripts/gpu_validate.py device --shape 7b --out DIR      # all of it, on the device machine
 
 `model` writes a config of a real shape (Mistral-7B-Instruct-v0.2; a Yi-34B-like Llama with 60
@@ -115,6 +116,50 @@ def selftest(out: Path | None = None) -> dict:
     if out:
         out.write_text(json.dumps(res, indent=2))
     print("selftest:", json.dumps(res))
+    return res
+
+
+def gpu_ms(fn, *args, repeat: int = 5, **kwargs) -> float:
+    """Mean GPU wall time of fn(*args, **kwargs) in ms, after one warm-up call."""
+    import torch
+
+    fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / repeat * 1e3, 3)
+
+
+def flex_check(out: Path | None = None) -> dict:
+    """The fast path's attention on this GPU: exact against a dense masked reference for few and
+    many selected queries, and its time against SDPA's full causal attention over all tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from helpers.gpu import fast_blend as fb
+
+    res, dev = {}, "cuda"
+    for n_keys, n_sel in ((300, 5), (8192, 1229), (32768, 4915)):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
+        sel = torch.sort(torch.randperm(n_keys, device=dev)[:n_sel]).values
+        mask = fb.exact_causal_mask(sel, n_keys)
+        got = fb.attend_selected(q[sel], k, v, mask, 128 ** -0.5)
+        dense = torch.arange(n_keys, device=dev)[None, :] <= sel[:, None]
+        ref = F.scaled_dot_product_attention(q[sel].transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=dense[None, None],
+                                             enable_gqa=True)[0].transpose(0, 1)
+        qs, qt, kt, vt = q[sel], q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        times = {"flex_selected_ms": gpu_ms(fb.attend_selected, qs, k, v, mask, 128 ** -0.5),
+                 "sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True,
+                                              enable_gqa=True)}
+        res[f"{n_keys}x{n_sel}"] = {"max_err": float((got.float() - ref.float()).abs().max()), **times}
+    res["ok"] = all(r["max_err"] < 0.05 for r in res.values())
+    if out:
+        out.write_text(json.dumps(res, indent=2))
+    print("flex:", json.dumps(res))
     return res
 
 
@@ -407,6 +452,8 @@ def main(argv=None) -> int:
     m.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "smollm2-f32")
     s = sub.add_parser("selftest")
     s.add_argument("out", type=Path, nargs="?")
+    fx = sub.add_parser("flex")
+    fx.add_argument("out", type=Path, nargs="?")
     d = sub.add_parser("device")
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -426,6 +473,8 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "selftest":
         return 0 if selftest(a.out)["ok"] else 1
+    if a.cmd == "flex":
+        return 0 if flex_check(a.out)["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
                   a.store_gb, a.profile)

@@ -34,6 +34,7 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("vllm.kvblend_plugin")
 
@@ -138,8 +139,7 @@ def exact_causal_mask(positions: torch.Tensor, n_keys: int):
         return kv_idx <= padded[q_idx]
 
     lists = exact_causal_blocks(positions, n_keys)
-    for extra in ({"seq_lengths": (positions.numel(), n_keys), "compute_q_blocks": False},
-                  {"seq_lengths": (positions.numel(), n_keys)}, {}):  # newest torch first
+    for extra in ({"seq_lengths": (positions.numel(), n_keys)}, {}):  # newest torch first
         try:
             return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=sees, **extra)
         except TypeError:
@@ -162,10 +162,24 @@ def flex_attention_fn(device_type: str):
 
 
 def attend_selected(q, k, v, block_mask, scale: float) -> torch.Tensor:
-    """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d]."""
-    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
-    out = flex_attention_fn(q.device.type)(qt, kt, vt, block_mask=block_mask, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+    """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d].
+
+    FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
+    for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] inputs.
+    Should FlexAttention fail, the same exact mask through SDPA (slower, logged once)."""
+    qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    try:
+        out = flex_attention_fn(q.device.type)(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                               kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+    except Exception as err:
+        if not _FLEX.get("warned"):
+            _FLEX["warned"] = True
+            log.exception("FlexAttention failed (%s): selected tokens attend through SDPA", err)
+        rows, cols = torch.arange(q.shape[0], device=q.device), torch.arange(k.shape[0], device=q.device)
+        mask = block_mask.mask_mod(0, 0, rows[:, None], cols[None, :])
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[None, None], scale=scale,
+                                             enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 

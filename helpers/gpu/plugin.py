@@ -230,21 +230,7 @@ def selected_attention(original):
         block_mask = getattr(attn_metadata, "kvblend_block_mask", None)
         if block_mask is None:
             block_mask = attn_metadata.kvblend_block_mask = exact_causal_mask(positions, key.shape[0])
-        scale = self.vllm_attn_impl.scale
-        try:
-            out = attend_selected(query, key, value, block_mask, scale)
-        except Exception as err:  # a FlexAttention build that fails here: exact, but slower
-            if not getattr(selected_attention, "warned", False):
-                selected_attention.warned = True
-                log.warning("FlexAttention failed (%s); selected tokens attend through SDPA", err)
-            import torch
-            import torch.nn.functional as F
-
-            q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
-            mask = torch.arange(key.shape[0], device=key.device)[None, :] <= positions[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scale,
-                                                 enable_gqa=query.shape[1] != key.shape[1])[0].transpose(0, 1)
-        output.copy_(out)
+        output.copy_(attend_selected(query, key, value, block_mask, self.vllm_attn_impl.scale))
         return output
 
     forward_contiguous._kvblend = True
