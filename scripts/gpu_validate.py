@@ -391,7 +391,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     for i, path in enumerate(paths):
         kw = profiled(path)
         engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path, gpu_kv_store_gb=store_gb,
-                                        cpu_cache_gb=40.0, **opts, **kw))
+                                        cpu_cache_gb=8.0, **opts, **kw))  # host RAM: 128 GB for all
     tok = gpu.tokenizer_for(str(model))
     todo = prompts(tok, sizes, queries, LABELS[shape], merges)
     texts = {t for m in merges for t in merge_chunks(corpus_chunks()[0], m).values()}
