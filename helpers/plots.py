@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import html
+import math
 import statistics
 from pathlib import Path
 
@@ -240,22 +241,42 @@ def load_gpu_csv(path: str | Path) -> list[dict] | None:
             row[k] = float(row[k]) if row[k] is not None else None
         if row["speedup"] is None:
             row["speedup"] = row["full_ms"] / row["blend_ms"]
-        row["model"] = ((row["model"] or "model") + (f" ({row['gpus']})" if row["gpus"] else "")
-                        + (f", {row['blend_path']} blend" if row["blend_path"] else ""))
+        row["run"] = (row["model"] or "model") + (f" ({row['gpus']})" if row["gpus"] else "")
+        row["model"] = row["run"] + (f", {row['blend_path']} blend" if row["blend_path"] else "")
         out.append(row)
     return out
 
 
+def crossover(rows: list[dict]) -> float | None:
+    """Prompt tokens where blending starts to win (speed-up crosses 1, interpolated on log tokens);
+    None when it never loses or never wins in `rows`."""
+    g = sorted(rows, key=lambda r: r["tokens"])
+    for a, b in zip(g, g[1:], strict=False):
+        if a["speedup"] < 1 <= b["speedup"]:
+            t = (1 - a["speedup"]) / (b["speedup"] - a["speedup"])
+            return math.exp(math.log(a["tokens"]) + t * (math.log(b["tokens"]) - math.log(a["tokens"])))
+    return None
+
+
 def gpu_ttft(rows: list[dict]) -> go.Figure:
-    """TTFT on the GPU, full vs blend, per prompt length (one line per model)."""
+    """TTFT on the GPU by prompt length: per run (model shape and GPUs), plain vLLM and one line per
+    blend path (fast, fixed, upstream), with the crossover where each path starts to win."""
     fig = go.Figure()
-    for model in dict.fromkeys(r["model"] for r in rows):
-        g = sorted((r for r in rows if r["model"] == model and r["full_ms"] is not None),
-                   key=lambda r: r["tokens"])
-        for e in ("full", "blend"):
-            fig.add_scatter(x=[r["tokens"] for r in g], y=[r[f"{e}_ms"] for r in g],
-                            name=f"{model}: {LABELS[e]}", mode="lines+markers",
-                            line=dict(color=COLORS[e], dash="solid" if e == "full" else "dot"))
+    dashes = {"fast": "solid", "fixed": "dash", "upstream": "dot"}
+    for run in dict.fromkeys(r.get("run", r["model"]) for r in rows):
+        g = [r for r in rows if r.get("run", r["model"]) == run and r["full_ms"] is not None]
+        tokens = sorted({r["tokens"] for r in g})
+        full = [median([r["full_ms"] for r in g if r["tokens"] == t]) for t in tokens]
+        fig.add_scatter(x=tokens, y=full, name=f"{run}: plain vLLM ({LABELS['full']})", mode="lines+markers",
+                        line=dict(color=COLORS["full"]))
+        for path in dict.fromkeys(r["blend_path"] for r in g):
+            p = sorted((r for r in g if r["blend_path"] == path), key=lambda r: r["tokens"])
+            cross = crossover(p)
+            fig.add_scatter(x=[r["tokens"] for r in p], y=[r["blend_ms"] for r in p], mode="lines+markers",
+                            name=f"{run}: {path or ''} blend" + (f" (wins past ~{cross:,.0f} tokens)"
+                                                                 if cross else ""),
+                            line=dict(color=COLORS["blend"] if path != "upstream" else "#999999",
+                                      dash=dashes.get(path, "dot")))
     return _layout(fig, "Measured on H200: TTFT by prompt length", xaxis_title="prompt tokens",
                    yaxis_title="TTFT (ms)", yaxis_rangemode="tozero")
 

@@ -55,7 +55,8 @@ SHAPES = {
 }
 LABELS = {"7b": "7B (Mistral-7B shape)", "34b": "34B (Yi-34B-like, 60 layers)"}
 CSV_FIELDS = ["model_shape", "gpus", "target_tokens", "prompt_tokens", "queries", "full_ttft_ms",
-              "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms", "blend_engine_ms"]
+              "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms", "blend_engine_ms",
+              "blend_path", "ids"]
 HIT_RE = re.compile(r"Total tokens (\d+), Inference Engine computed tokens: (\d+), LMCache hit tokens: (\d+)")
 
 

@@ -296,13 +296,25 @@ def test_gpu_csv(tmp_path):
     path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms\n"
                     "7b,2x H200,4000,400,100\n7b,2x H200,8000,900,200\n")
     rows = plots.load_gpu_csv(path)  # no speedup column: computed
-    assert rows[0] == {"model": "7b (2x H200)", "tokens": 4000, "full_ms": 400.0, "blend_ms": 100.0,
-                       "speedup": 4.0, "gpus": "2x H200", "blend_path": None}
+    assert rows[0] == {"model": "7b (2x H200)", "run": "7b (2x H200)", "tokens": 4000, "full_ms": 400.0,
+                       "blend_ms": 100.0, "speedup": 4.0, "gpus": "2x H200", "blend_path": None}
     assert isinstance(plots.speedup([{"tokens": 500, "speedup": 2.0}], rows), go.Figure)
     assert isinstance(plots.gpu_ttft(rows), go.Figure)
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="cannot find"):
         plots.load_gpu_csv(path)
+
+
+def test_gpu_chart_has_one_plain_line_and_a_line_per_path_with_its_crossover(tmp_path):
+    path = tmp_path / "h200.csv"
+    path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms,blend_path\n"
+                    "7b,1x,2000,50,100,fast\n7b,1x,8000,200,100,fast\n"
+                    "7b,1x,2000,50,150,upstream\n7b,1x,8000,200,190,upstream\n")
+    fig = plots.gpu_ttft(plots.load_gpu_csv(path))
+    names = [t.name for t in fig.data]
+    assert len(names) == 3 and "plain vLLM" in names[0]
+    assert "fast blend (wins past ~3,175 tokens)" in names[1] and "upstream blend" in names[2]
+    assert plots.crossover([{"tokens": 2000, "speedup": 2.0}]) is None
 
 
 def test_committed_gpu_measurements_parse():
