@@ -155,6 +155,30 @@ def test_engines_two_gpus(ready):
     assert (blend.env["CUDA_VISIBLE_DEVICES"], full.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
     assert plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
     assert not plugin.blending_enabled(full.env)
+    assert blend.env["KVBLEND_BLEND_PATH"] == "fixed" and "KVBLEND_BLEND_PATH" not in full.env
+
+
+def test_blend_path_and_store_reach_the_blend_engine(ready):
+    model = model_dir(ready, MISTRAL)
+    blend, _ = gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=6)
+    assert (blend.env["KVBLEND_BLEND_PATH"], blend.env["KVBLEND_GPU_KV_STORE_GB"]) == ("fast", "6")
+    assert plugin.blend_path(blend.env) == "fast"
+    with pytest.raises(runtime.EngineError, match="--blend-path must be one of"):
+        gpu.engines(model, 8000, 8001, blend_path="quick")
+    with pytest.raises(runtime.EngineError, match="--gpu-kv-store-gb must be > 0"):
+        gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=0)
+    # a second blend engine for comparisons gets its own LMCache config and short socket folder
+    other = gpu.blend_engine("upstream", 8011, model, blend_path="upstream", gpu_memory_utilization=0.2,
+                             max_model_len=4096)
+    assert other.env["LMCACHE_CONFIG_FILE"].endswith("lmcache-upstream.yaml")
+    assert len(other.env["VLLM_RPC_BASE_PATH"]) < 40
+
+
+def test_vllm_options_are_refused_by_the_embedded_engines():
+    from helpers.embedded import launch as embedded
+
+    with pytest.raises(runtime.EngineError, match="--blend-path, --gpu-kv-store-gb: options of the vllm"):
+        embedded.engines(None, 8000, 8001, blend_path="fast", gpu_kv_store_gb=2)
 
 
 def test_engines_share_one_gpu(ready, gpus, monkeypatch):
@@ -323,6 +347,9 @@ def test_both_gpu_engines_get_identical_ids(monkeypatch):
     monkeypatch.setattr(gpu, "tokenizer_for", lambda model: CharTokenizer(bos=False))
     bodies = [gpu.request(runtime.Engine(name, port, "vllm", model="m"), "m", ["ab", "cd"], "q?")
               for name, port in (("blend", 8000), ("full", 8001))]
-    assert bodies[0] == bodies[1] and bodies[0][0] == "completions"
-    assert bodies[0][1]["extra_body"]["prompt"] == prompts.chat_prompt_ids(CharTokenizer(bos=False),
-                                                                           ["ab", "cd"], "q?")
+    assert bodies[0][0] == bodies[1][0] == "completions"
+    blend, full = (b[1]["extra_body"] for b in bodies)
+    assert blend["prompt"] == full["prompt"] == prompts.chat_prompt_ids(CharTokenizer(bos=False),
+                                                                        ["ab", "cd"], "q?")
+    # questions are never stored as chunks on the blend engine (else a repeated question is blended)
+    assert blend["kv_transfer_params"] == {"lmcache.skip_save": True} and "kv_transfer_params" not in full
