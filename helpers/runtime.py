@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -198,6 +199,23 @@ def health(e: Engine, timeout: float = 2.0) -> dict | None:
         return r.json() if r.status_code == 200 and r.content else {"status": "ok"}
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def blend_settings(e: Engine) -> str:
+    """"ratio R, check layer L" (and the blend path on vLLM) of a blend engine; "" when unknown.
+    The embedded engine reports them on /health; a vLLM engine's come from its LMCache YAML and its
+    environment (KVBLEND_BLEND_PATH), as our launcher wrote them."""
+    h = health(e) or {}
+    if "ratio" in h:
+        return f"ratio {h['ratio']}, check layer {h['check_layer']}"
+    env = e.env or {}
+    try:
+        text = Path(env["LMCACHE_CONFIG_FILE"]).read_text()
+        ratio = re.search(r"^blend_recompute_ratios:\s*\[([^\]]+)\]", text, re.M).group(1)
+        layer = re.search(r"^blend_check_layers:\s*\[([^\]]+)\]", text, re.M).group(1)
+    except (KeyError, OSError, AttributeError):
+        return ""
+    return f"ratio {ratio}, check layer {layer}, {env.get('KVBLEND_BLEND_PATH', 'fixed')} path"
 
 
 def log_tail(e: Engine, n: int = 25) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import engines as eng
 from . import library
-from .runtime import PORTS, Engine, EngineError, health
+from .runtime import PORTS, Engine, EngineError, blend_settings, health
 
 
 def connect(backend: str = "auto", blend_port: int = PORTS["blend"], full_port: int = PORTS["full"],
@@ -107,8 +107,9 @@ def describe(engine: Engine) -> str:
     """Which backend and model answer, and the blend settings, in one line."""
     h = health(engine) or {}
     model = h.get("model") or engine.model or "?"
-    settings = f", ratio {h['ratio']}, check layer {h['check_layer']}" if "ratio" in h else ""
-    return f"{engine.name} engine: {engine.backend} backend, model {model}{settings}"
+    settings = blend_settings(engine)
+    line = f"{engine.name} engine: {engine.backend} backend, model {model}"
+    return f"{line}, {settings}" if settings else line
 
 
 def report(results: dict):

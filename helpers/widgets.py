@@ -81,10 +81,9 @@ PANE_LABELS = {"blend": "blend: reuses cached chunk KV", "full": "full prefill"}
 
 
 def pane_header(e) -> str:
-    """The engine's URL, with the blend settings when the engine reports them (the embedded blend
-    engine's /health does; vLLM's does not)."""
-    h = runtime.health(e) or {}
-    return e.url + (f" · ratio {h['ratio']}, check layer {h['check_layer']}" if "ratio" in h else "")
+    """The engine's URL, with its blend settings when they are known (`runtime.blend_settings`)."""
+    settings = runtime.blend_settings(e)
+    return e.url + (f" · {settings}" if settings else "")
 
 
 def _pane(name: str, url: str = "") -> dict:

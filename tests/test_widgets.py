@@ -365,3 +365,15 @@ def test_pane_header_shows_the_blend_settings(monkeypatch):
     assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.3, check layer 2"
     monkeypatch.setattr(runtime, "health", lambda e: {"status": "ok"})  # e.g. vLLM, or the full engine
     assert widgets.pane_header(e) == "http://127.0.0.1:8000"
+
+
+def test_vllm_blend_settings_come_from_its_lmcache_config(monkeypatch, tmp_path):
+    from helpers.gpu import launch as gpu
+
+    yaml = tmp_path / "lmcache.yaml"
+    yaml.write_text(gpu.lmcache_yaml(0.2, 3, 256, 4.0))
+    monkeypatch.setattr(runtime, "health", lambda e: {"status": "ok"})  # vLLM's /health says nothing
+    env = {"LMCACHE_CONFIG_FILE": str(yaml), "KVBLEND_BLEND_PATH": "fast"}
+    e = runtime.Engine("blend", 8000, "vllm", env=env)
+    assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.2, check layer 3, fast path"
+    assert runtime.blend_settings(runtime.Engine("full", 8001, "vllm", env={"LMCACHE_CONFIG_FILE": ""})) == ""
