@@ -391,7 +391,8 @@ def main(argv=None) -> int:
         return 130
     for e in engines:
         print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
-    settings = runtime.blend_settings(engines[0]) or f"ratio {args.ratio}, check layer {args.check_layer}"
+    settings = (runtime.blend_settings(engines[0]) if engines else "") or \
+        f"ratio {args.ratio}, check layer {args.check_layer}"
     print(f"blend settings: {settings}")
     return 0
 
