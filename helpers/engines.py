@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                     help="also serve your own .txt/.md files in DIR: chunked, precomputed on the blend "
                          "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
-    ap.add_argument("--blend-path", default=None, choices=["fast", "fixed", "upstream"],
+    ap.add_argument("--blend-path", default=None,  # checked by the vLLM backend (helpers/gpu/launch.py)
                     help="vLLM only: 'fixed' (default: LMCache's blender, mended), 'fast' (our one-pass "
                          "blender, chunks kept in GPU memory) or 'upstream' (LMCache's, as shipped)")
     ap.add_argument("--gpu-kv-store-gb", type=float, default=None,

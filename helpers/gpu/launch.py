@@ -29,13 +29,13 @@ from .. import runtime
 from ..prompts import DEFAULT_SYSTEM, SEP, chat_prompt_ids
 from ..runtime import HOST, Engine, EngineError
 from ..settings import BLEND
+from .plugin import BLEND_PATHS  # KVBLEND_BLEND_PATH's values (the plugin imports nothing heavy)
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s (docs/gpu.md)
 SHARE_ENV = "KVBLEND_SHARE_GPU"  # =1: both engines on one GPU (each ~0.4 of its memory)
 SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"
 PLUGIN = "kvblend_lmcache"
-BLEND_PATHS = ("fast", "fixed", "upstream")  # KVBLEND_BLEND_PATH, read by helpers/gpu/plugin.py
 # On questions: LMCache must not store the prompt's segments (the question would become a cached
 # "chunk", blended the next time it is asked); the precomputed chunks are the only cache entries.
 NO_SAVE = {"kv_transfer_params": {"lmcache.skip_save": True}}
@@ -252,7 +252,7 @@ def full_engine(name: str, port: int, model: str, host: str = HOST, env: dict | 
                   engine_env({"LMCACHE_CONFIG_FILE": "", **(env or {})}), host=host, model=model)
 
 
-def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = "fast",
+def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = "fixed",
                  ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
                  gpu_kv_store_gb: float = 4.0, chunk_size: int = 256, cpu_cache_gb: float = 16.0,
                  env: dict | None = None, **opts) -> Engine:
@@ -306,7 +306,8 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
                 if r.status_code != 200:
                     raise EngineError(f"The blend engine refused a precompute request ({r.status_code}): "
                                       f"{r.text[:300]}. See {engine.log}.")
-                tokens += len(ids) if not extra else 0
+                if not extra:  # the storing round
+                    tokens += len(ids)
     return {"tokens": tokens, "computed": len(texts), "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -148,15 +148,16 @@ class FirstOnly(logging.Filter):
         return self.dropped == 1
 
 
-BLEND_PATHS = ("fixed", "upstream", "fast")
+BLEND_PATHS = ("fixed", "fast", "upstream")  # KVBLEND_BLEND_PATH; the first is the default
 
 
 def blend_path(environ=None) -> str:
     """`fixed` (default: faults 3 and 4 mended), `upstream` (LMCache's blender as shipped) or `fast`
     (our one-pass blender, `fast_blend.py`), from KVBLEND_BLEND_PATH."""
-    path = (os.environ if environ is None else environ).get("KVBLEND_BLEND_PATH", "fixed").strip().lower()
+    environ = os.environ if environ is None else environ
+    path = environ.get("KVBLEND_BLEND_PATH", BLEND_PATHS[0]).strip().lower()
     if path not in BLEND_PATHS:
-        raise ValueError(f"KVBLEND_BLEND_PATH must be 'fixed', 'upstream' or 'fast', got {path!r}")
+        raise ValueError(f"KVBLEND_BLEND_PATH must be one of {', '.join(BLEND_PATHS)}, got {path!r}")
     return path
 
 
