@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from helpers import engines as eng  # noqa: E402
 from helpers import runtime  # noqa: E402
 from helpers.gpu import launch as gpu  # noqa: E402
+from helpers.gpu.fast_blend import TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
@@ -57,6 +58,7 @@ LABELS = {"7b": "7B (Mistral-7B shape)", "34b": "34B (Yi-34B-like, 60 layers)"}
 CSV_FIELDS = ["model_shape", "gpus", "target_tokens", "prompt_tokens", "queries", "full_ttft_ms",
               "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms", "blend_engine_ms",
               "blend_path", "ids"]
+TIMING_RE = re.compile(r"fast blend timing: (\d+ tokens, tail [^;]+); ms host/GPU: ([^\n]+)")
 HIT_RE = re.compile(r"Total tokens (\d+), Inference Engine computed tokens: (\d+), LMCache hit tokens: (\d+)")
 
 
@@ -391,6 +393,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     engines = [gpu.full_engine("full", 8001, str(model), **opts, **profiled("full"))]
     for i, path in enumerate(paths):
         kw = profiled(path)
+        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if path == "fast" else {})}
         engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path, gpu_kv_store_gb=store_gb,
                                         cpu_cache_gb=8.0, **opts, **kw))  # host RAM: 128 GB for all
     tok = gpu.tokenizer_for(str(model))
@@ -431,7 +434,9 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
                 "fast_failed": text.count("fast blend path failed"),
                 "fast_no_room": text.count("no room in the GPU chunk store"),
                 "double_unpin": text.count("Double unpin"),
-                "requests_with_hits": sum(1 for m in HIT_RE.finditer(text) if int(m[3]) > 0)}
+                "requests_with_hits": sum(1 for m in HIT_RE.finditer(text) if int(m[3]) > 0),
+                "graph_capture_failed": text.count("CUDA graph capture failed"),
+                "timing": TIMING_RE.findall(text)}
             eng.stop_engine(e)
         with open(out / f"logs_{shape}.txt", "wb") as f:  # one file: the device returns few
             for e in engines:

@@ -1,4 +1,5 @@
-"""helpers/gpu/fast_blend.py on CPU, in float64, over a small Llama built with vLLM's layer
+"""helpers/gpu/fast_blend.py on CPU, in float64 (or, with KVBLEND_TEST_DEVICE=cuda on a GPU, in float32
+with the tail replayed as CUDA graphs), over a small Llama built with vLLM's layer
 interfaces (fused-residual RMSNorm, qkv_proj/o_proj returning (out, bias), rotary_emb(positions, q,
 k), an attention impl with `do_kv_cache_update`) and LMCache's (token database, host store of
 per-layer chunk KV with their cached positions, re-rotation). Neither is installed here.
@@ -8,8 +9,10 @@ repaired (each chunk at the positions it was cached at: any ratio) and when ever
 (ratio 1.0, chunks reordered); the chunk store evicts least recently used chunks, never the prompt's
 own, and says when it cannot fit; the FlexAttention block lists are exact."""
 
+import functools
 import logging
 import math
+import os
 import types
 
 import pytest
@@ -20,15 +23,19 @@ from helpers.gpu import fast_blend as fb
 from helpers.gpu import plugin as vp
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-H, HEADS, KV_HEADS, D, LAYERS, VOCAB, SEP = 32, 4, 2, 8, 4, 50, (48, 49)
+H, HEADS, KV_HEADS, D, LAYERS, VOCAB, SEP = 32, 4, 2, 16, 4, 50, (48, 49)
+DEVICE = os.environ.get("KVBLEND_TEST_DEVICE", "cpu")
+DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
+close = functools.partial(torch.testing.assert_close,
+                          **({} if DEVICE == "cpu" else {"atol": 2e-4, "rtol": 2e-4}))
 
 
 # ------------------------------------------------------------------ a Llama with vLLM's interfaces
 def rope(x, positions, heads, sign=1.0):
     """Neox-style rotary embedding of [T, heads*D] at `positions` (sign -1 undoes it)."""
     x = x.view(x.shape[0], heads, D)
-    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    angles = positions.double()[:, None] * inv[None, :] * sign
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=DTYPE, device=x.device) / D))
+    angles = positions.to(x.device, DTYPE)[:, None] * inv[None, :] * sign
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     a, b = x[..., : D // 2], x[..., D // 2:]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).reshape(x.shape[0], heads * D)
@@ -37,7 +44,7 @@ def rope(x, positions, heads, sign=1.0):
 class Norm(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(H, dtype=torch.float64))
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(H, dtype=DTYPE))
 
     def forward(self, x, residual=None):
         if residual is not None:
@@ -54,8 +61,8 @@ class Linear(torch.nn.Linear):
 class Mlp(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.up = torch.nn.Linear(H, 2 * H, dtype=torch.float64)
-        self.down = torch.nn.Linear(2 * H, H, dtype=torch.float64)
+        self.up = torch.nn.Linear(H, 2 * H, dtype=DTYPE)
+        self.down = torch.nn.Linear(2 * H, H, dtype=DTYPE)
 
     def forward(self, x):
         return self.down(F.silu(self.up(x)))
@@ -70,18 +77,23 @@ class Impl:
 
 
 def make_model():
+    with torch.device(DEVICE):
+        return _make_model()
+
+
+def _make_model():
     torch.manual_seed(0)
     layers = []
     for _ in range(LAYERS):
         attn = types.SimpleNamespace(num_heads=HEADS, num_kv_heads=KV_HEADS, head_size=D, impl=Impl())
         self_attn = types.SimpleNamespace(
-            qkv_proj=Linear(H, (HEADS + 2 * KV_HEADS) * D, dtype=torch.float64),
-            o_proj=Linear(HEADS * D, H, dtype=torch.float64), q_size=HEADS * D, kv_size=KV_HEADS * D,
+            qkv_proj=Linear(H, (HEADS + 2 * KV_HEADS) * D, dtype=DTYPE),
+            o_proj=Linear(HEADS * D, H, dtype=DTYPE), q_size=HEADS * D, kv_size=KV_HEADS * D,
             attn=attn,
             rotary_emb=lambda pos, q, k: (rope(q, pos, HEADS), rope(k, pos, KV_HEADS)))
         layers.append(types.SimpleNamespace(input_layernorm=Norm(), post_attention_layernorm=Norm(),
                                             self_attn=self_attn, mlp=Mlp()))
-    embed = torch.nn.Embedding(VOCAB, H, dtype=torch.float64)
+    embed = torch.nn.Embedding(VOCAB, H, dtype=DTYPE)
     return types.SimpleNamespace(model=types.SimpleNamespace(layers=layers, embed_tokens=embed))
 
 
@@ -96,8 +108,8 @@ def causal(q, k, v):
 @torch.no_grad()
 def full_prefill(model, ids):
     """Every layer's rotated K and V ([layers, T, kv_heads*D] each) of a plain causal prefill."""
-    pos = torch.arange(len(ids))
-    hidden, residual, ks, vs = model.model.embed_tokens(torch.tensor(ids)), None, [], []
+    pos = torch.arange(len(ids), device=DEVICE)
+    hidden, residual, ks, vs = model.model.embed_tokens(torch.tensor(ids, device=DEVICE)), None, [], []
     for layer in model.model.layers:
         a = layer.self_attn
         if residual is None:
@@ -185,14 +197,14 @@ def blender(model, host, ratio, check_layer=1):
 
 
 def store(tokens=256):
-    return fb.ChunkStore(LAYERS, KV_HEADS * D, tokens, torch.float64, "cpu", page=4)
+    return fb.ChunkStore(LAYERS, KV_HEADS * D, tokens, DTYPE, DEVICE, page=4)
 
 
 def run_fast(model, host, ids, ratio, chunk_store=None):
     """Blend `ids` with the fast path; the paged caches it wrote, as [layers, T, kv_dim] K and V."""
-    caches = [torch.full((len(ids) + 8, 2, KV_HEADS, D), float("nan"), dtype=torch.float64)
+    caches = [torch.full((len(ids) + 8, 2, KV_HEADS, D), float("nan"), dtype=DTYPE, device=DEVICE)
               for _ in range(LAYERS)]
-    slots = torch.arange(len(ids)) + 8 - 3  # any slots; written where vLLM says
+    slots = torch.arange(len(ids), device=DEVICE) + 8 - 3  # any slots; written where vLLM says
     fast = fb.FastBlender(blender(model, host, ratio), chunk_store or store())
     assert fast.blend(ids, None, caches, slots)
     kv = torch.stack([c[slots] for c in caches])  # [layers, T, 2, kv_heads, D]
@@ -211,8 +223,8 @@ def test_nothing_moved_gives_the_full_prefill_at_any_ratio():
     want_k, want_v = full_prefill(model, ids)
     for ratio in (0.05, 0.3, 1.0):
         k, v = run_fast(model, host, ids, ratio)
-        torch.testing.assert_close(k, want_k)
-        torch.testing.assert_close(v, want_v)
+        close(k, want_k)
+        close(v, want_v)
 
 
 def test_ratio_one_is_a_full_prefill_when_chunks_move():
@@ -222,8 +234,8 @@ def test_ratio_one_is_a_full_prefill_when_chunks_move():
     ids = SYS + list(SEP) + CHUNK_B + list(SEP) + CHUNK_A  # reordered: A moved, B never cached here
     want_k, want_v = full_prefill(model, ids)
     k, v = run_fast(model, host, ids, 1.0)
-    torch.testing.assert_close(k, want_k)
-    torch.testing.assert_close(v, want_v)
+    close(k, want_k)
+    close(v, want_v)
     # a low ratio repairs part of it: nearer the full prefill than the cached KV, farther than 1.0
     k_low, _ = run_fast(model, host, ids, 0.3)
     assert 0 < (k_low[-1] - want_k[-1]).norm() < 1e3
@@ -236,7 +248,39 @@ def test_the_question_segment_and_separators_are_recomputed():
     ids = SYS + list(SEP) + CHUNK_A + list(SEP) + QUESTION  # QUESTION: no cache entry
     want_k, _ = full_prefill(model, ids)
     k, _ = run_fast(model, host, ids, 0.05)
-    torch.testing.assert_close(k, want_k)  # nothing moved, the tail computed exactly
+    close(k, want_k)  # nothing moved, the tail computed exactly
+
+
+def test_a_bucket_serves_prompts_one_after_another(monkeypatch, caplog):
+    """Prompts of one bucket share the tail's buffers (on the GPU: one CUDA graph, replayed): the
+    second prompt must see nothing of the first, and padding must change nothing."""
+    monkeypatch.setenv(fb.TIMING_ENV, "1")
+    model, host = make_model(), Host()
+    precompute(model, host, SYS + list(SEP) + CHUNK_A)
+    precompute(model, host, SYS + list(SEP) + CHUNK_B)
+    fast = fb.FastBlender(blender(model, host, 1.0), store())
+    caches = [torch.empty(64, 2, KV_HEADS, D, dtype=DTYPE, device=DEVICE)
+              for _ in range(LAYERS)]  # vLLM's: for good
+    for ids in (SYS + list(SEP) + CHUNK_A + list(SEP) + CHUNK_B,
+                SYS + list(SEP) + CHUNK_B + list(SEP) + CHUNK_A + list(SEP) + QUESTION):
+        for c in caches:
+            c.fill_(float("nan"))
+        slots = torch.arange(len(ids), device=DEVICE) + 2
+        with caplog.at_level(logging.INFO, logger="vllm.kvblend_plugin"):
+            assert fast.blend(ids, None, caches, slots)
+        want_k, want_v = full_prefill(model, ids)
+        kv = torch.stack([c[slots] for c in caches])
+        close(kv[:, :, 0].flatten(2), want_k)
+        close(kv[:, :, 1].flatten(2), want_v)
+    assert len(fast.tails) == 1  # both prompts in one bucket
+    assert caplog.text.count("fast blend timing: ") == 2 and "tail eager" in caplog.text
+
+
+def test_buckets_are_few_and_pad_little():
+    sizes = {fb.bucket(n) for n in range(1, 40000)}
+    assert len(sizes) < 80 and all(s % fb.BLOCK == 0 for s in sizes)
+    for n in (1, 127, 128, 129, 1000, 1025, 8006, 8300, 32768, 33000):
+        assert n <= fb.bucket(n) <= max(128, n * 1.125 + 128)
 
 
 def test_chunks_are_read_from_the_host_once_then_served_from_the_store():
@@ -267,12 +311,12 @@ def test_store_evicts_least_recently_used_never_the_prompts_own():
 def test_fast_blend_says_no_without_hits_and_with_no_room():
     model, host = make_model(), Host()
     ids = SYS + list(SEP) + CHUNK_A
-    caches = [torch.zeros(len(ids), 2, KV_HEADS, D, dtype=torch.float64) for _ in range(LAYERS)]
+    caches = [torch.zeros(len(ids), 2, KV_HEADS, D, dtype=DTYPE, device=DEVICE) for _ in range(LAYERS)]
     fast = fb.FastBlender(blender(model, host, 0.15), store())
-    assert not fast.blend(ids, None, caches, torch.arange(len(ids)))  # nothing precomputed
+    assert not fast.blend(ids, None, caches, torch.arange(len(ids), device=DEVICE))  # nothing precomputed
     precompute(model, host, ids)
     tiny = fb.FastBlender(blender(model, host, 0.15), store(tokens=8))
-    assert not tiny.blend(ids, None, caches, torch.arange(len(ids)))  # 5 + 17 tokens cannot fit
+    assert not tiny.blend(ids, None, caches, torch.arange(len(ids), device=DEVICE))  # 22 tokens: no room
 
 
 @pytest.mark.parametrize("n_keys,picked", [(300, [0, 1, 2, 127, 128, 200, 299]),
@@ -299,10 +343,10 @@ def test_block_lists_are_exact(n_keys, picked):
 def test_exact_mask_attention_matches_causal_rows():
     torch.manual_seed(1)
     n = 300
-    q, k, v = (torch.randn(n, h, D, dtype=torch.float64) for h in (HEADS, KV_HEADS, KV_HEADS))
+    q, k, v = (torch.randn(n, h, D, dtype=DTYPE) for h in (HEADS, KV_HEADS, KV_HEADS))
     picked = torch.tensor(sorted(set(torch.randint(0, n, (150,)).tolist()) | {0, n - 1}))
     out = fb.attend_selected(q[picked], k, v, fb.exact_causal_mask(picked, n), D ** -0.5)
-    torch.testing.assert_close(out, causal(q, k, v)[picked])
+    close(out, causal(q, k, v)[picked])
 
 
 def test_store_that_does_not_fit_says_what_to_change():

@@ -18,7 +18,11 @@ again. `FastBlender.blend` does the same algorithm, with issue 9's fixes, as one
         attention (all queries: FlashAttention; selected ones: FlexAttention, exact causal mask)
         -> o_proj -> norm -> MLP             (skipped at the last layer: only its K/V are used)
 
-No device-wide sync, no host sync, no per-chunk work inside the layer loop. Chunks live in
+No device-wide sync, no host sync, no per-chunk work inside the layer loop. The layers past the
+check layer (all but two or three) take their inputs from buffers padded to a few bucketed sizes
+(`Tail`), so on the GPU they run as one CUDA graph, captured the first time a bucket is seen and
+replayed after: on an H200 the eager loop's ~700 kernel launches cost more host time than the GPU
+work they launch below ~16K tokens. Chunks live in
 `ChunkStore`, a paged arena in GPU memory sized by `--gpu-kv-store-gb` and accounted against
 `--gpu-memory-utilization` (its bytes are added to the model's, so vLLM's KV cache shrinks by as
 much). A chunk missing there is read once from LMCache's host store (all layers) and kept, least
@@ -31,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -39,6 +44,9 @@ import torch.nn.functional as F
 log = logging.getLogger("vllm.kvblend_plugin")
 
 STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
+GRAPHS_ENV = "KVBLEND_FAST_GRAPHS"  # "0": the layers past the check layer run eagerly
+TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time per phase (adds a sync)
+MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 PAGE = 16  # tokens per page of the chunk store
 BLOCK = 128  # FlexAttention's block size (queries and keys)
 
@@ -129,11 +137,13 @@ def exact_causal_blocks(positions: torch.Tensor, n_keys: int, block: int = BLOCK
 
 def exact_causal_mask(positions: torch.Tensor, n_keys: int):
     """A FlexAttention BlockMask: query i (the token at positions[i]) sees keys 0..positions[i].
-    Built from block lists computed on the device: no n x N mask, no host sync."""
+    Built from block lists computed on the device: no n x N mask, no host sync. When there are a
+    whole number of q-blocks, the mask reads `positions` itself: refill it (and `refill_mask`) and
+    the same mask serves new positions, as a CUDA graph needs."""
     from torch.nn.attention.flex_attention import BlockMask
 
     pad = -(-positions.numel() // BLOCK) * BLOCK - positions.numel()  # last q-block's rows past n
-    padded = torch.cat([positions, positions[-1:].expand(pad)])
+    padded = torch.cat([positions, positions[-1:].expand(pad)]) if pad else positions
 
     def sees(b, h, q_idx, kv_idx):
         return kv_idx <= padded[q_idx]
@@ -145,6 +155,63 @@ def exact_causal_mask(positions: torch.Tensor, n_keys: int):
         except TypeError:
             continue
     raise RuntimeError("torch's BlockMask.from_kv_blocks takes none of the known signatures")
+
+
+MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def refill_mask(mask, positions: torch.Tensor, n_keys: int) -> None:
+    """Rewrite `mask`'s block lists in place for new `positions` (same shapes)."""
+    new = exact_causal_mask(positions, n_keys)
+    for name in MASK_TENSORS:
+        old = getattr(mask, name, None)
+        if old is not None:
+            old.copy_(getattr(new, name))
+
+
+def bucket(n: int, least: int = BLOCK) -> int:
+    """n rounded up to a multiple of `least` and to one of 8 sizes per doubling: few distinct shapes
+    (each one a CUDA graph), at most 1/8 of padding past 8 x least."""
+    step = max(least, (1 << max(n.bit_length() - 4, 0)) // least * least)
+    return -(-n // step) * step
+
+
+class Tail:
+    """The inputs of the layers past the check layer for one bucket of shapes, in buffers that stay
+    put (a CUDA graph replays on the same addresses): `n_pad` selected rows among `n_keys` tokens.
+
+    Padding is inert: padded query rows are zeros at the last position, their K/V go to a spare row
+    past the prompt (never attended to, its slot -1: vLLM's cache op skips it); padded token rows
+    gather store row 0 at position 0 and are never attended to either."""
+
+    def __init__(self, n_pad: int, n_keys: int, hidden_size: int, dtype, device):
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.n_pad, self.n_keys = n_pad, n_keys
+        self.hidden = zeros(n_pad, hidden_size, dtype=dtype)
+        self.residual = zeros(n_pad, hidden_size, dtype=dtype)
+        self.rows, self.positions = zeros(n_pad), zeros(n_pad)  # where selected K/V go; positions
+        self.index, self.old_positions, self.new_positions = zeros(n_keys), zeros(n_keys), zeros(n_keys)
+        self.slots = torch.full((n_keys,), -1, dtype=torch.long, device=device)
+        self.block_mask = self.graph = None
+
+    def fill(self, hidden, residual, selected, index, old_positions, slot_mapping) -> None:
+        n, n_all = selected.numel(), index.numel()
+        self.hidden[:n], self.residual[:n] = hidden, residual
+        self.hidden[n:], self.residual[n:] = 0, 0
+        self.rows[:n], self.rows[n:] = selected, self.n_keys - 1
+        self.positions[:n], self.positions[n:] = selected, n_all - 1
+        self.index[:n_all], self.index[n_all:] = index, 0
+        self.old_positions[:n_all], self.old_positions[n_all:] = old_positions, 0
+        torch.arange(self.n_keys, out=self.new_positions)
+        self.new_positions[n_all:] = 0
+        self.slots[:n_all], self.slots[n_all:] = slot_mapping, -1
+        if self.block_mask is None:
+            self.block_mask = exact_causal_mask(self.positions, self.n_keys)
+        else:
+            refill_mask(self.block_mask, self.positions, self.n_keys)
 
 
 _FLEX = {}
@@ -223,6 +290,9 @@ class FastBlender:
         if cache is not None:  # LMCache copies it to the GPU on every call when it lives on the host
             self.rerotate.cos_sin_cache = cache.to(self.layers[0].self_attn.qkv_proj.weight.device)
         self.process_qkv = getattr(lmc.layerwise_model, "_process_qkv", lambda q, k, v, layer: (q, k, v))
+        self.tails: OrderedDict = OrderedDict()  # bucket -> Tail
+        self.graphs = self.store.kv.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+        self.pool = self.clock = None
 
     # -------------------------------------------------------------- the chunks
     def segments(self, tokens, mask):
@@ -261,6 +331,9 @@ class FastBlender:
     def blend(self, tokens, mask, kvcaches, slot_mapping) -> bool:
         """Blend `tokens` into vLLM's paged cache at `slot_mapping`. False: not done (no chunk hit,
         or no room in the store): the caller falls back to LMCache's blender."""
+        if self.clock is not None:  # the previous prompt's, long finished: no wait
+            self.clock.report()
+        clock = Clock(self.store.kv.device, os.environ.get(TIMING_ENV) == "1")
         device = self.store.kv.device
         ids = torch.as_tensor(tokens, dtype=torch.long)
         n_all = ids.numel()
@@ -281,18 +354,21 @@ class FastBlender:
             return False
         gaps = torch.nonzero(is_gap).squeeze(1).to(device, non_blocking=True)
         index = index.clamp(min=0).to(device, non_blocking=True)  # gap rows: anything, recomputed
-        self._forward(ids.to(device, non_blocking=True), index, gaps, kvcaches, slot_mapping)
+        clock.mark("load")
+        how = self._forward(ids.to(device, non_blocking=True), index, gaps, kvcaches, slot_mapping, clock)
+        clock.finish(n_all, how)
+        self.clock = clock if clock.cuda else clock.report()  # on the GPU, reported by the next prompt
         return True
 
-    def _forward(self, ids, index, gaps, kvcaches, slot_mapping):
+    def _forward(self, ids, index, gaps, kvcaches, slot_mapping, clock) -> str:
+        """Layers 0..check for every token (selecting at the check layer), then the tail."""
         n_all = ids.numel()
         positions = torch.arange(n_all, device=ids.device)
         old_positions = self.store.pos[index]
         hidden, residual = embed(self.model, ids), None
-        selected = block_mask = None  # rows computed past the check layer
         full_meta = self.full_attention[0].init_attn_metadata(input_ids=ids)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        for i in range(self.check + 1):
+            layer = self.layers[i]
             attn = layer.self_attn
             if residual is None:
                 residual, hidden = hidden, layer.input_layernorm(hidden)
@@ -301,38 +377,130 @@ class FastBlender:
             qkv, _ = attn.qkv_proj(hidden)
             q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
             q, k, v = self.process_qkv(q, k, v, layer)
-            q, k = attn.rotary_emb(positions if selected is None else positions[selected], q, k)
-
-            if i >= self.check:  # the cached K/V of every token, moved to the new positions
-                cached = self.store.kv[i][:, index]
-                cached_k = self.rerotate(old_positions, positions, cached[0])
-                cached_v = cached[1]
-            if selected is None and i == self.check:
-                fresh, old = (v, cached_v) if self.deviation == "v" else (k, cached_k)
-                selected = select_tokens(fresh, old, gaps, self.ratio)
-                block_mask = exact_causal_mask(selected, n_all)
-                keys, values = k, v  # every token keeps the K/V computed here
-                q, residual = q[selected], residual[selected]
-            elif selected is None:
-                keys, values = k, v
-            else:
-                cached_k[selected], cached_v[selected] = k, v
-                keys, values = cached_k, cached_v
-
+            q, k = attn.rotary_emb(positions, q, k)
             heads, kv_heads, d = attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_size
-            keys, values = keys.view(n_all, kv_heads, d), values.view(n_all, kv_heads, d)
+            q, keys, values = q.view(n_all, heads, d), k.view(n_all, kv_heads, d), v.view(n_all, kv_heads, d)
             attn.attn.impl.do_kv_cache_update(attn.attn, keys, values, kvcaches[i], slot_mapping)
-            if i == last:
-                break  # the last layer's output feeds nothing: vLLM computes the question itself
-            q = q.view(-1, heads, d)
-            if block_mask is None:
+            if i == len(self.layers) - 1:
+                return "no tail"
+            if i < self.check:
                 out = self.full_attention[i].forward_contiguous(q, keys, values, torch.empty_like(q),
                                                                 full_meta)
-            else:
-                out = attend_selected(q, keys, values, block_mask, attn.attn.impl.scale)
+            else:  # the check layer: which cached tokens deviate most from a fresh computation?
+                cached = self.store.kv[i][:, index]
+                fresh, old = (v, cached[1]) if self.deviation == "v" else \
+                    (k, self.rerotate(old_positions, positions, cached[0]))
+                selected = select_tokens(fresh, old, gaps, self.ratio)
+                q, residual = q[selected], residual[selected]
+                mask = exact_causal_mask(selected, n_all)
+                out = attend_selected(q, keys, values, mask, attn.attn.impl.scale)
             hidden, _ = attn.o_proj(out.reshape(q.shape[0], heads * d))
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
             hidden = layer.mlp(hidden)
+        clock.mark("head")
+        tail = self._tail_for(selected.numel(), n_all, hidden, kvcaches)
+        tail.fill(hidden, residual, selected, index, old_positions, slot_mapping)
+        if tail.graph is not None:
+            tail.graph.replay()
+            how = "graph"
+        else:
+            self._tail(tail, kvcaches)
+            how = "eager"
+            if self.graphs:  # the next prompt of this bucket replays it
+                self._capture(tail, kvcaches)
+                how = "eager + capture"
+        clock.mark("tail")
+        return how
+
+    def _tail(self, t: Tail, kvcaches) -> None:
+        """The layers past the check layer, on `t`'s buffers: only the selected rows are computed;
+        every other token keeps its cached K/V, re-rotated to its new position. Each layer's K/V of
+        all tokens go to vLLM's paged cache; the last layer's output feeds nothing."""
+        hidden, residual = t.hidden, t.residual
+        for i in range(self.check + 1, len(self.layers)):
+            layer = self.layers[i]
+            attn = layer.self_attn
+            hidden, residual = layer.input_layernorm(hidden, residual)
+            qkv, _ = attn.qkv_proj(hidden)
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k, v = self.process_qkv(q, k, v, layer)
+            q, k = attn.rotary_emb(t.positions, q, k)
+            cached = self.store.kv[i][:, t.index]  # every token's cached K/V: one gather
+            keys = self.rerotate(t.old_positions, t.new_positions, cached[0])
+            values = cached[1]
+            keys[t.rows], values[t.rows] = k, v
+            heads, kv_heads, d = attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_size
+            keys, values = keys.view(t.n_keys, kv_heads, d), values.view(t.n_keys, kv_heads, d)
+            attn.attn.impl.do_kv_cache_update(attn.attn, keys, values, kvcaches[i], t.slots)
+            if i == len(self.layers) - 1:
+                break
+            out = attend_selected(q.view(-1, heads, d), keys, values, t.block_mask, attn.attn.impl.scale)
+            hidden, _ = attn.o_proj(out.reshape(t.n_pad, heads * d))
+            hidden, residual = layer.post_attention_layernorm(hidden, residual)
+            hidden = layer.mlp(hidden)
+
+    # -------------------------------------------------------------- buckets and CUDA graphs
+    def _tail_for(self, n: int, n_all: int, hidden, kvcaches) -> Tail:
+        """The bucket's Tail (made when new; least recently used ones dropped past MAX_TAILS)."""
+        key = (bucket(n), bucket(n_all + 1), kvcaches[0].data_ptr())  # +1: a spare row for padding
+        tail = self.tails.pop(key, None)
+        if tail is None:
+            tail = Tail(key[0], key[1], hidden.shape[-1], hidden.dtype, hidden.device)
+            while len(self.tails) >= MAX_TAILS:
+                self.tails.pop(next(iter(self.tails)))
+        self.tails[key] = tail
+        return tail
+
+    def _capture(self, tail: Tail, kvcaches) -> None:
+        """Record the tail's kernels as one CUDA graph (nothing runs while capturing). All graphs
+        share one memory pool: they only write vLLM's cache and replay one at a time."""
+        try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                self._tail(tail, kvcaches)
+            tail.graph = graph
+        except Exception:
+            self.graphs = False
+            log.exception("fast blend path: CUDA graph capture failed; its layers run eagerly from now on")
+
+
+class Clock:
+    """Host and GPU time of each phase of one prompt, logged when KVBLEND_FAST_TIMING=1 (off: free).
+    GPU times are read when the next prompt starts, so timing adds no sync."""
+
+    def __init__(self, device, on: bool):
+        self.on, self.cuda = on, on and device.type == "cuda"
+        self.marks = [("start", time.perf_counter(), self._event())] if on else []
+        self.what = ""
+
+    def _event(self):
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            self.marks.append((name, time.perf_counter(), self._event()))
+
+    def finish(self, n_tokens: int, how: str) -> None:
+        self.what = f"{n_tokens} tokens, tail {how}"
+
+    def report(self) -> None:
+        if not self.on:
+            return None
+        if self.cuda:
+            self.marks[-1][2].synchronize()
+        parts = []
+        for (_, t0, e0), (name, t1, e1) in zip(self.marks, self.marks[1:], strict=False):
+            gpu = f"/{e0.elapsed_time(e1):.1f}" if self.cuda else ""
+            parts.append(f"{name} {1e3 * (t1 - t0):.1f}{gpu}")
+        log.info("fast blend timing: %s; ms host/GPU: %s", self.what, ", ".join(parts))
+        self.on = False  # once
+        return None
 
 
 def check_store_fits(gb: float, utilization: float, total_bytes: int, model_bytes: int) -> None:
