@@ -353,3 +353,17 @@ def test_both_gpu_engines_get_identical_ids(monkeypatch):
                                                                         ["ab", "cd"], "q?")
     # questions are never stored as chunks on the blend engine (else a repeated question is blended)
     assert blend["kv_transfer_params"] == {"lmcache.skip_save": True} and "kv_transfer_params" not in full
+
+
+def test_extra_blend_engines_socket_paths_fit_in_107_bytes(tmp_path, monkeypatch):
+    """LMCache 0.5.3 names its RPC socket `<dir>/engine_<uuid4>_service_offload_lmcache_rpc_port_100`;
+    a path over 107 bytes fails LMCache's start-up (the engine still serves, and dies on the first
+    blended request). Checked on the device with `/tmp/kvblend-rpc-fixed_0.05`: 108 bytes."""
+    from helpers import runtime
+    from helpers.gpu import launch as gpu
+
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)
+    longest = "/engine_" + "0" * 36 + "_service_offload_lmcache_rpc_port_100"
+    for name, port in (("fixed_0.05", 8110), ("fast_0.15_v", 65535)):
+        e = gpu.blend_engine(name, port, "m", gpu_memory_utilization=0.2, max_model_len=8192)
+        assert len(e.env["VLLM_RPC_BASE_PATH"] + longest) <= 107

@@ -264,7 +264,7 @@ def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path:
     extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), "KVBLEND_BLEND_PATH": blend_path,
              "KVBLEND_GPU_KV_STORE_GB": str(gpu_kv_store_gb)}
     if name != "blend":
-        rpc = Path("/tmp") / f"kvblend-rpc-{name}"  # short: its sockets' paths must fit in 107 bytes
+        rpc = Path("/tmp") / f"kvb{port}"  # short: LMCache's socket paths in it must fit in 107 bytes
         rpc.mkdir(parents=True, exist_ok=True)
         extra["VLLM_RPC_BASE_PATH"] = str(rpc)
     return Engine(name, port, "vllm", vllm_command(model, port, host, blend=True, **opts),
