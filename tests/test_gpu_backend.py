@@ -308,6 +308,20 @@ def test_precompute_posts_ids(monkeypatch):
     assert all(s["max_tokens"] == 1 and s["model"] == "m" for s in sent)
     assert res["tokens"] == sum(len(s["prompt"]) for s in sent) and res["computed"] == 2
 
+    # the fast path: a second round, not stored, each chunk followed by a question, so that LMCache's
+    # lookup (which drops a wholly cached prompt's last token) still finds the whole chunk segment
+    sent.clear()
+    fast = runtime.Engine("blend", 8000, "vllm", model="m", env={"KVBLEND_BLEND_PATH": "fast"})
+    res = gpu.precompute(fast, ["ab", "cde"], progress=False, system="S")
+    second = sent[2:]
+    want = [prompts.chat_prompt_ids(CharTokenizer(), [t], gpu.PRIME_QUESTION, "S") for t in ("ab", "cde")]
+    assert [s["prompt"] for s in second] == want
+    assert all(s["kv_transfer_params"] == {"lmcache.skip_save": True} for s in second)
+    assert res["tokens"] == sum(len(s["prompt"]) for s in sent[:2])  # the storing round only
+    tok = CharTokenizer(bos=False)
+    primed = lmcache_segments(prompts.chat_prompt_ids(tok, ["ab"], gpu.PRIME_QUESTION, "S"), tok)
+    assert primed[:2] == lmcache_segments(prompts.chat_prompt_ids(tok, ["ab"], None, "S"), tok)
+
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(
         transport=httpx.MockTransport(lambda r: httpx.Response(400, text="too long")), **kw))
     with pytest.raises(EngineError, match="refused a precompute request.*too long"):

@@ -280,23 +280,28 @@ def tokenizer_for(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
+PRIME_QUESTION = "Got it?"  # asked after each chunk to load it into the fast path's GPU store
+
+
 def precompute(engine: Engine, texts: list[str], progress: bool = True, system: str = DEFAULT_SYSTEM) -> dict:
     """Store every chunk's KV in LMCache once: prefill the chat prefix + SEP + chunk, max_tokens 1.
-    On the fast path a second round asks the same prompts without storing: they blend, which loads
-    every chunk into the GPU chunk store (as far as it holds them), so the first question is fast too."""
+    On the fast path a second round asks each chunk followed by a short question, without storing:
+    they blend, which loads every chunk into the GPU chunk store (as far as it holds them), so the
+    first question is fast too. (The question matters: asked alone, a wholly cached prompt is looked
+    up without its last token, so its chunk segment no longer matches and only the prefix loads.)"""
     import httpx
     from tqdm.auto import tqdm
 
     t0, tokens = time.perf_counter(), 0
-    rounds = [("precomputing chunk KV", {})]
+    rounds = [("precomputing chunk KV", {}, None)]
     if engine.env.get("KVBLEND_BLEND_PATH") == "fast":
-        rounds.append(("loading chunk KV into GPU memory", NO_SAVE))
+        rounds.append(("loading chunk KV into GPU memory", NO_SAVE, PRIME_QUESTION))
     with httpx.Client(timeout=600, headers=runtime.auth_headers()) as client:
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
-        for desc, extra in rounds:
+        for desc, extra, question in rounds:
             for text in tqdm(texts, desc=desc, unit="chunk", disable=not progress):
-                ids = chat_prompt_ids(tok, [text], None, system)
+                ids = chat_prompt_ids(tok, [text], question, system)
                 try:
                     r = client.post(engine.url + "/v1/completions", json={
                         "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, **extra})
