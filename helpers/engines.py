@@ -335,8 +335,8 @@ def main(argv=None) -> int:
                          "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
     ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
     ap.add_argument("--blend-path", default=None,  # checked by the vLLM backend (helpers/gpu/launch.py)
-                    help="vLLM only: 'fixed' (default: LMCache's blender, mended), 'fast' (our one-pass "
-                         "blender, chunks kept in GPU memory) or 'upstream' (LMCache's, as shipped)")
+                    help="vLLM only: 'fast' (default: our one-pass blender, chunks kept in GPU memory), "
+                         "'fixed' (LMCache's blender, mended) or 'upstream' (LMCache's, as shipped)")
     ap.add_argument("--gpu-kv-store-gb", type=float, default=None,
                     help="vLLM fast path only: GPU memory for chunk KV, taken from the blend engine's "
                          "--gpu-memory-utilization share (default 4)")

@@ -215,7 +215,7 @@ def blend_settings(e: Engine) -> str:
         layer = re.search(r"^blend_check_layers:\s*\[([^\]]+)\]", text, re.M).group(1)
     except (KeyError, OSError, AttributeError):
         return ""
-    return f"ratio {ratio}, check layer {layer}, {env.get('KVBLEND_BLEND_PATH', 'fixed')} path"
+    return f"ratio {ratio}, check layer {layer}, {env.get('KVBLEND_BLEND_PATH', 'fast')} path"
 
 
 def log_tail(e: Engine, n: int = 25) -> str:

@@ -155,7 +155,7 @@ def test_engines_two_gpus(ready):
     assert (blend.env["CUDA_VISIBLE_DEVICES"], full.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
     assert plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
     assert not plugin.blending_enabled(full.env)
-    assert blend.env["KVBLEND_BLEND_PATH"] == "fixed" and "KVBLEND_BLEND_PATH" not in full.env
+    assert blend.env["KVBLEND_BLEND_PATH"] == "fast" and "KVBLEND_BLEND_PATH" not in full.env
 
 
 def test_blend_path_and_store_reach_the_blend_engine(ready):

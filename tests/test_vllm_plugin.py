@@ -207,6 +207,9 @@ def fake_stack(monkeypatch):
         def process_qkv(self, *args):
             return "upstream"
 
+        def blend(self, tokens, mask=None, **kwargs):
+            return "lmcache"
+
     class FlashBackend:
         def forward_contiguous(self, *args, **kwargs):
             return "flash"
@@ -237,12 +240,22 @@ def fake_stack(monkeypatch):
 
 def test_register_patches_when_blending(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fixed")  # no GPU chunk store to build here
     vp.register()
     vp.register()  # vLLM may call it again: nothing is wrapped twice
     assert fake_stack.Worker().load_model(load_dummy_weights=True) == ("loaded", True)
     assert fake_stack.registered == [("vllm-instance", "the-model")]
     ops = fake_stack.connectors.lmc_ops
     assert isinstance(ops, vp.KVTransferOps) and ops._ops is fake_stack.ops
+
+
+def test_the_fast_path_is_the_default(fake_stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    monkeypatch.delenv("KVBLEND_BLEND_PATH", raising=False)
+    assert vp.blend_path() == vp.BLEND_PATHS[0] == "fast"
+    vp.register()
+    assert fake_stack.Blender.blend._kvblend  # LMCache's blend goes through the fast path first
+    assert fake_stack.Blender.process_qkv is vp.process_qkv  # and falls back to the mended blender
 
 
 def test_double_unpin_warning_only_once(fake_stack, tmp_path, monkeypatch, caplog):

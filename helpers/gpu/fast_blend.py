@@ -27,7 +27,7 @@ work they launch below ~16K tokens. Chunks live in
 `--gpu-memory-utilization` (its bytes are added to the model's, so vLLM's KV cache shrinks by as
 much). A chunk missing there is read once from LMCache's host store (all layers) and kept, least
 recently used out first. When a prompt's chunks cannot all fit, or anything here fails, the request
-falls back to LMCache's blender with our fixes (`KVBLEND_BLEND_PATH=fixed`), logged once.
+falls back to LMCache's blender with our fixes (the `fixed` path), logged once.
 """
 
 from __future__ import annotations

@@ -207,12 +207,12 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer, load_format: str | None = None,
             gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
             dtype: str = "auto", chunk_size: int = 256, cpu_cache_gb: float = 16.0,
-            kv_dir=None, blend_path: str = "fixed", gpu_kv_store_gb: float = 4.0) -> list[Engine]:
+            kv_dir=None, blend_path: str = BLEND_PATHS[0], gpu_kv_store_gb: float = 4.0) -> list[Engine]:
     """The blend and full engines (not started). Checks GPUs, versions and the model first.
-    `blend_path`: `fixed` (LMCache's blender, mended: the default, checked on real weights), `fast`
-    (our one-pass blender, chunk KV kept in `gpu_kv_store_gb` GB of GPU memory: about 2x faster at
-    8K tokens, checked on real weights on CPU only so far) or `upstream` (LMCache's, as shipped:
-    wrong answers); see helpers/gpu/plugin.py and docs/gpu.md.
+    `blend_path`: `fast` (the default: our one-pass blender, chunk KV kept in `gpu_kv_store_gb` GB
+    of GPU memory, 2x plain vLLM at 8K tokens on an H200), `fixed` (LMCache's blender, mended: the
+    same answers, slower) or `upstream` (LMCache's, as shipped: wrong answers); both correct paths
+    checked on real weights (docs/gpu.md, helpers/gpu/plugin.py).
     `kv_dir` is the embedded backend's option and unused here: LMCache keeps its own chunk store."""
     if blend_path not in BLEND_PATHS:
         raise EngineError(f"--blend-path must be one of {', '.join(BLEND_PATHS)}, got {blend_path!r}.")
@@ -252,7 +252,7 @@ def full_engine(name: str, port: int, model: str, host: str = HOST, env: dict | 
                   engine_env({"LMCACHE_CONFIG_FILE": "", **(env or {})}), host=host, model=model)
 
 
-def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = "fixed",
+def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = BLEND_PATHS[0],
                  ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
                  gpu_kv_store_gb: float = 4.0, chunk_size: int = 256, cpu_cache_gb: float = 16.0,
                  env: dict | None = None, **opts) -> Engine:

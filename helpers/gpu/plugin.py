@@ -148,12 +148,12 @@ class FirstOnly(logging.Filter):
         return self.dropped == 1
 
 
-BLEND_PATHS = ("fixed", "fast", "upstream")  # KVBLEND_BLEND_PATH; the first is the default
+BLEND_PATHS = ("fast", "fixed", "upstream")  # KVBLEND_BLEND_PATH; the first is the default
 
 
 def blend_path(environ=None) -> str:
-    """`fixed` (default: faults 3 and 4 mended), `upstream` (LMCache's blender as shipped) or `fast`
-    (our one-pass blender, `fast_blend.py`), from KVBLEND_BLEND_PATH."""
+    """`fast` (default: our one-pass blender, `fast_blend.py`), `fixed` (LMCache's blender with
+    faults 3 and 4 mended) or `upstream` (LMCache's blender as shipped), from KVBLEND_BLEND_PATH."""
     environ = os.environ if environ is None else environ
     path = environ.get("KVBLEND_BLEND_PATH", BLEND_PATHS[0]).strip().lower()
     if path not in BLEND_PATHS:
