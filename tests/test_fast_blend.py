@@ -279,6 +279,19 @@ def test_a_bucket_serves_prompts_one_after_another(monkeypatch, caplog):
     assert (next(iter(fast.tails.values())).graph is not None) == (DEVICE == "cuda")
 
 
+def test_long_prompts_run_unbucketed(monkeypatch):
+    """Past GRAPH_MAX_TOKENS the tail runs eagerly on buffers of the prompt's own size."""
+    monkeypatch.setattr(fb, "GRAPH_MAX_TOKENS", 10)
+    model, host = make_model(), Host()
+    precompute(model, host, SYS + list(SEP) + CHUNK_A)
+    precompute(model, host, SYS + list(SEP) + CHUNK_B)
+    ids = SYS + list(SEP) + CHUNK_B + list(SEP) + CHUNK_A
+    want_k, want_v = full_prefill(model, ids)
+    k, v = run_fast(model, host, ids, 1.0)
+    close(k, want_k)
+    close(v, want_v)
+
+
 def test_buckets_are_few_and_pad_little():
     sizes = {fb.bucket(n) for n in range(1, 40000)}
     assert len(sizes) < 80 and all(s % fb.BLOCK == 0 for s in sizes)

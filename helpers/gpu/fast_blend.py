@@ -47,6 +47,7 @@ STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
 GRAPHS_ENV = "KVBLEND_FAST_GRAPHS"  # "0": the layers past the check layer run eagerly
 TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time per phase (adds a sync)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
+GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store
 BLOCK = 128  # FlexAttention's block size (queries and keys)
 
@@ -181,9 +182,9 @@ class Tail:
     """The inputs of the layers past the check layer for one bucket of shapes, in buffers that stay
     put (a CUDA graph replays on the same addresses): `n_pad` selected rows among `n_keys` tokens.
 
-    Padding is inert: padded query rows are zeros at the last position, their K/V go to a spare row
-    past the prompt (never attended to, its slot -1: vLLM's cache op skips it); padded token rows
-    gather store row 0 at position 0 and are never attended to either."""
+    Padding is inert and cheap: padded query rows come first, zeros at position 0 (they attend one
+    key), their K/V go to a spare row past the prompt (never attended to, its slot -1: vLLM's cache
+    op skips it); padded token rows gather store row 0 at position 0, never attended to either."""
 
     def __init__(self, n_pad: int, n_keys: int, hidden_size: int, dtype, device):
         def zeros(*shape, dtype=torch.long):
@@ -198,11 +199,11 @@ class Tail:
         self.block_mask = self.graph = None
 
     def fill(self, hidden, residual, selected, index, old_positions, slot_mapping) -> None:
-        n, n_all = selected.numel(), index.numel()
-        self.hidden[:n], self.residual[:n] = hidden, residual
-        self.hidden[n:], self.residual[n:] = 0, 0
-        self.rows[:n], self.rows[n:] = selected, self.n_keys - 1
-        self.positions[:n], self.positions[n:] = selected, n_all - 1
+        n_all, p = index.numel(), self.n_pad - selected.numel()  # p padded query rows, first
+        self.hidden[p:], self.residual[p:] = hidden, residual
+        self.hidden[:p], self.residual[:p] = 0, 0
+        self.rows[p:], self.rows[:p] = selected, self.n_keys - 1
+        self.positions[p:], self.positions[:p] = selected, 0
         self.index[:n_all], self.index[n_all:] = index, 0
         self.old_positions[:n_all], self.old_positions[n_all:] = old_positions, 0
         torch.arange(self.n_keys, out=self.new_positions)
@@ -398,7 +399,8 @@ class FastBlender:
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
             hidden = layer.mlp(hidden)
         clock.mark("head")
-        tail = self._tail_for(selected.numel(), n_all, hidden, kvcaches)
+        bucketed = n_all <= GRAPH_MAX_TOKENS  # kept, and on the GPU replayed as a graph
+        tail = self._tail_for(selected.numel(), n_all, hidden, kvcaches, bucketed)
         tail.fill(hidden, residual, selected, index, old_positions, slot_mapping)
         if tail.graph is not None:
             tail.graph.replay()
@@ -406,7 +408,7 @@ class FastBlender:
         else:
             self._tail(tail, kvcaches)
             how = "eager"
-            if self.graphs:  # the next prompt of this bucket replays it
+            if self.graphs and bucketed:  # the next prompt of this bucket replays it
                 self._capture(tail, kvcaches)
                 how = "eager + capture"
         clock.mark("tail")
@@ -440,8 +442,11 @@ class FastBlender:
             hidden = layer.mlp(hidden)
 
     # -------------------------------------------------------------- buckets and CUDA graphs
-    def _tail_for(self, n: int, n_all: int, hidden, kvcaches) -> Tail:
-        """The bucket's Tail (made when new; least recently used ones dropped past MAX_TAILS)."""
+    def _tail_for(self, n: int, n_all: int, hidden, kvcaches, bucketed: bool = True) -> Tail:
+        """The bucket's Tail (made when new; least recently used ones dropped past MAX_TAILS), or
+        else a Tail of this prompt's size (padded to whole q-blocks only), not kept."""
+        if not bucketed:
+            return Tail(-(-n // BLOCK) * BLOCK, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device)
         key = (bucket(n), bucket(n_all + 1), kvcaches[0].data_ptr())  # +1: a spare row for padding
         tail = self.tails.pop(key, None)
         if tail is None:
