@@ -294,7 +294,7 @@ def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
     """How far each engine's first-token distribution is from a full prefill's (top-20 KL, log
     scale), GPU and embedded side by side; the float32-vs-bf16 row is the GPU's noise floor."""
     g = [r for r in rows if r["prompt_set"] == prompt_set and r["engine"] != "full"]
-    names = [f"{r['backend']}: {r['engine']}" for r in g]
+    names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts)" for r in g]  # runs differ in size
     colors = [COLORS["full"] if "fp32" in r["engine"] else
               "#999999" if r.get("blend_path") == "upstream" or r["engine"] == "naive_reuse" else
               COLORS["blend"] for r in g]

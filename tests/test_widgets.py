@@ -341,7 +341,10 @@ def test_gpu_quality_chart_from_the_committed_csv():
     rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "h200_quality.csv")
     fig = plots.gpu_quality(rows)
     names = list(fig.data[0].y)
-    assert "vllm: fixed_0.15" in names and "vllm: full_fp32" in names and "embedded: blend_0.15" in names
+    for name in ("vllm: fixed_0.15 (34 prompts)", "vllm: full_fp32 (121 prompts)",
+                 "vllm: fast_0.15 (121 prompts)", "embedded: blend_0.15 (34 prompts)"):
+        assert name in names
+    assert len(set(names)) == len(names)  # every bar its own row
     assert plots.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
 
 
