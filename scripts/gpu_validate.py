@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from helpers import engines as eng  # noqa: E402
 from helpers import runtime  # noqa: E402
 from helpers.gpu import launch as gpu  # noqa: E402
-from helpers.gpu.fast_blend import TIMING_ENV  # noqa: E402
+from helpers.gpu.fast_blend import GRAPHS_ENV, TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
@@ -314,7 +314,45 @@ def profile(e, model: str, ids: list[int], out: Path) -> None:
         time.sleep(1)
     text = table.read_text() if table.exists() else "(no table written)"
     head = f"{len(ids)} tokens, TTFT {ms:.1f} ms under the profiler\n"
+    traces = sorted(table.parent.glob("*.json*"), key=lambda t: t.stat().st_mtime)
+    if traces:  # with Python stacks: where the host time went, by function
+        try:
+            text += "\n" + python_time(traces[-1])
+        except (OSError, ValueError, KeyError) as err:
+            text += f"\n(no Python time: {err})\n"
     (out / f"profile_{e.name}.txt").write_text(head + text)
+
+
+def python_time(trace: Path, top: int = 40) -> str:
+    """Where the host time of a profiled request went, by Python function: the `python_function`
+    events of a torch profiler trace (recorded with stacks), self and total ms per function, summed
+    over threads. Self time is a function's own, its callees' taken out (nesting per thread)."""
+    import gzip
+    from collections import defaultdict
+
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    calls = [e for e in events if e.get("cat") == "python_function" and e.get("ph") == "X"]
+    total, own = defaultdict(float), defaultdict(float)
+    for tid in {(e.get("pid"), e.get("tid")) for e in calls}:
+        stack: list[list] = []  # [end, name, child time]
+        for e in sorted((e for e in calls if (e.get("pid"), e.get("tid")) == tid),
+                        key=lambda e: (e["ts"], -e["dur"])):
+            while stack and stack[-1][0] <= e["ts"]:
+                _end, name, children, dur = stack.pop()
+                own[name] += dur - children
+            if stack:
+                stack[-1][2] += e["dur"]
+            total[e["name"]] += e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], 0.0, e["dur"]])
+        for _end, name, children, dur in stack:
+            own[name] += dur - children
+    lines = [f"{len(calls)} Python calls; ms self / total, by self time"]
+    for name in sorted(own, key=own.get, reverse=True)[:top]:
+        lines.append(f"{own[name] / 1e3:9.2f} {total[name] / 1e3:9.2f}  {name[:150]}")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(label: str, gpus: str, samples: list[dict]) -> list[dict]:
@@ -387,14 +425,17 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
             return {}
         d = runtime.RUN_DIR / f"profile-{name}"
         d.mkdir(parents=True, exist_ok=True)
-        cfg = {"profiler": "torch", "torch_profiler_dir": str(d), "torch_profiler_with_stack": False}
+        cfg = {"profiler": "torch", "torch_profiler_dir": str(d), "torch_profiler_with_stack": True}
         return {"extra_args": ("--profiler-config", json.dumps(cfg)), "env": {"KVBLEND_PROFILE_DIR": str(d)}}
 
     engines = [gpu.full_engine("full", 8001, str(model), **opts, **profiled("full"))]
-    for i, path in enumerate(paths):
+    for i, path in enumerate(paths):  # "fast-eager": the fast path without its CUDA graphs (an A/B)
         kw = profiled(path)
-        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if path == "fast" else {})}
-        engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path, gpu_kv_store_gb=store_gb,
+        fast = path.startswith("fast")
+        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if fast else {}),
+                     **({GRAPHS_ENV: "0"} if path == "fast-eager" else {})}
+        engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path.split("-")[0],
+                                        gpu_kv_store_gb=store_gb,
                                         cpu_cache_gb=8.0, **opts, **kw))  # host RAM: 128 GB for all
     tok = gpu.tokenizer_for(str(model))
     todo = prompts(tok, sizes, queries, LABELS[shape], merges)
@@ -468,7 +509,8 @@ def main(argv=None) -> int:
     d.add_argument("--budget-s", type=float, default=500, help="stop timing new prompts after this")
     d.add_argument("--merge", default="1", help="join N consecutive chunks into one document; "
                    "a list (1,4) measures each size with each")
-    d.add_argument("--paths", default="fast,fixed,upstream", help="blend paths, one engine each")
+    d.add_argument("--paths", default="fast,fixed,upstream",
+                   help="blend paths, one engine each; fast-eager: the fast path without CUDA graphs")
     d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
     d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")

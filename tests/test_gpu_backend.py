@@ -381,3 +381,26 @@ def test_extra_blend_engines_socket_paths_fit_in_107_bytes(tmp_path, monkeypatch
     for name, port in (("fixed_0.05", 8110), ("fast_0.15_v", 65535)):
         e = gpu.blend_engine(name, port, "m", gpu_memory_utilization=0.2, max_model_len=8192)
         assert len(e.env["VLLM_RPC_BASE_PATH"] + longest) <= 107
+
+
+def test_python_time_attributes_host_time_to_functions(tmp_path):
+    """scripts/gpu_validate.py reads a torch profiler trace's Python calls: a function's self time is
+    its own, its callees' taken out, per thread; totals include callees."""
+    import gzip
+    import sys
+
+    sys.path.insert(0, str(runtime.ROOT / "scripts"))
+    import gpu_validate
+
+    def call(name, ts, dur, tid=1):
+        return {"cat": "python_function", "ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    events = [call("step", 0, 10_000), call("lookup", 1_000, 4_000), call("hash", 2_000, 1_000),
+              call("blend", 6_000, 3_000), call("step", 0, 2_000, tid=2),
+              {"cat": "kernel", "ph": "X", "name": "gemm", "ts": 0, "dur": 50_000, "pid": 0, "tid": 7}]
+    trace = tmp_path / "t.pt.trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rows = {line.split()[-1]: [float(x) for x in line.split()[:2]]
+            for line in gpu_validate.python_time(trace).splitlines()[1:]}
+    assert rows == {"step": [5.0, 12.0], "lookup": [3.0, 4.0], "blend": [3.0, 3.0], "hash": [1.0, 1.0]}
