@@ -84,8 +84,8 @@ def test_ratio_015_agrees_and_kl_falls_with_the_ratio(scores):
     assert kls[0] > kls[1] > kls[2]
 
 
-@pytest.mark.xfail(strict=False, reason="measured 2026-11-29 on 121 QA prompts: GPU 0.0322 (by K; 0.0294 by V) "
-                   "against 1.2 x 0.0218 (embedded) + 0.0015 (floor) = 0.0277; see docs/gpu.md")
+@pytest.mark.xfail(strict=False, reason="measured 2026-11-29 on 121 QA prompts: GPU 0.0322 (by K; 0.0294 "
+                   "by V) against 1.2 x 0.0218 (embedded) + 0.0015 (floor) = 0.0277; see docs/gpu.md")
 def test_ratio_015_within_the_embedded_engine_bound(scores):
     """Issue 9's bound: at most 1.2 x the embedded engine's KL on the same prompts, plus the floor."""
     floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
