@@ -9,8 +9,9 @@ the same prompt ids. It precomputes every corpus chunk on each blend engine, the
 for the first token's top-20 logprobs on three prompt sets built from `ffmpeg/qa.json`:
 
 - `qa`: the gold chunk and 3 others, shuffled (chunks precomputed alone, so they move);
-- `same_pos`: the gold chunk alone, at the positions it was precomputed at (nothing moves: the
-  reused KV should equal a full prefill's up to bf16);
+- `same_pos`: the gold chunk, then the question, no chat prefix: the chunk sits at positions
+  0..n-1, where precompute computed it alone (nothing moves: the reused KV should equal a full
+  prefill's up to bf16);
 - `reordered`: 8 random chunks in random order (≈ 4-5K tokens), the RAG case.
 
 Scores per prompt set and engine, against the bf16 full prefill: first token equal, and KL over the
@@ -69,6 +70,20 @@ def prompt_sets(seed: int = 0) -> dict[str, list[tuple[list[str], str]]]:
     return sets
 
 
+def prompt_ids(tok, set_name: str, chunks: list[str], question: str) -> list[int]:
+    """The ids both engines get: the chat prompt; for `same_pos` without the chat prefix, so that
+    the chunk stands where precompute computed it (`helpers/gpu/launch.py: storing_prompts`)."""
+    from helpers.prompts import DEFAULT_SYSTEM, chat_prompt_ids, chat_segment_ids, separator_ids
+
+    if set_name != "same_pos":
+        return chat_prompt_ids(tok, chunks, question, DEFAULT_SYSTEM)
+    _, *rest = chat_segment_ids(tok, chunks, question, DEFAULT_SYSTEM)
+    ids = []
+    for i, seg in enumerate(rest):
+        ids += (separator_ids(tok) if i else []) + seg
+    return ids
+
+
 # ------------------------------------------------------------------ scoring
 def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
     """Per engine: prompts, first tokens equal to ref's, mean top-20 KL to ref."""
@@ -104,8 +119,6 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
     from helpers import engines as eng
     from helpers.corpus import load_chunks
     from helpers.gpu import launch as gb
-    from helpers.prompts import DEFAULT_SYSTEM, chat_prompt_ids
-
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     share = round(0.8 / (2 + len(blends)), 3)
@@ -138,7 +151,7 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
             for set_name, prompts in prompt_sets().items():
                 if sets and set_name not in sets:
                     continue
-                ids = [chat_prompt_ids(tok, chunks, q, DEFAULT_SYSTEM) for chunks, q in prompts]
+                ids = [prompt_ids(tok, set_name, chunks, q) for chunks, q in prompts]
                 answers = {e.name: [first_token(client, e.url, model, p, None if e.name.startswith("full")
                                                 else gb.NO_SAVE) for p in ids] for e in engines}
                 raw[set_name] = {"tokens": [len(p) for p in ids],

@@ -141,3 +141,22 @@ def test_chunk_key_depends_on_model_and_ids():
     assert chunk_key("m", [1, 2, 3]) == chunk_key("m", [1, 2, 3])
     assert chunk_key("m", [1, 2, 3]) != chunk_key("m", [3, 2, 1])
     assert chunk_key("m", [1, 2, 3]) != chunk_key("other", [1, 2, 3])
+
+
+def test_gap_study_replays_the_engines_blend(runner, prompt):
+    """scripts/blend_gap_study.py replays the GPU's conditions with a blend function of its own: in
+    the embedded engine's conditions (no separators, chunks computed alone) it must give the engine's
+    logits, and with separators (gap rows, always recomputed) ratio 1.0 must be a full prefill."""
+    from scripts.blend_gap_study import Conditions, blend
+
+    cond = Conditions({"fp32": runner})
+    ids, kv, gap = cond.layout("fp32", prompt, seps=False, ctx=False)
+    assert ids == flat(prompt) and int(gap.sum()) == len(prompt[-1])
+    for dev in "vk":
+        want = runner.blend_prefill(prompt, BlendSettings(ratio=0.15, deviation=dev)).logits
+        assert torch.equal(blend(runner, ids, kv, gap, 0.15, dev), want)
+    ids, kv, gap = cond.layout("fp32", prompt, seps=True, ctx=True)
+    assert int(gap.sum()) == (len(prompt) - 1) * len(cond.sep) + len(prompt[-1])
+    full = runner.full_prefill(ids).logits
+    assert torch.allclose(blend(runner, ids, kv, gap, 1.0, "k"), full, atol=1e-4, rtol=0)
+    assert not torch.allclose(blend(runner, ids, kv, gap, 0.0, "k"), full, atol=1e-2, rtol=0)

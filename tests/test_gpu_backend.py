@@ -288,7 +288,8 @@ def test_separator_ids_are_lmcaches(bos):
 
 
 def test_precompute_posts_ids(monkeypatch):
-    """precompute sends sys + SEP + chunk with max_tokens 1 to the blend engine's completions API."""
+    """precompute stores the chat prefix, then each chunk alone (no prefix, no separator: computed
+    from position 0, as the embedded engine computes chunk KV), with max_tokens 1."""
     import httpx
 
     sent = []
@@ -300,27 +301,31 @@ def test_precompute_posts_ids(monkeypatch):
     transport = httpx.MockTransport(handler)
     real_client = httpx.Client
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
-    monkeypatch.setattr(gpu, "tokenizer_for", lambda model: CharTokenizer())
+    monkeypatch.setattr(gpu, "tokenizer_for", lambda model: CharTokenizer(bos=False))
     e = runtime.Engine("blend", 8000, "vllm", model="m")
     res = gpu.precompute(e, ["ab", "cde"], progress=False, system="S")
-    assert [s["prompt"] for s in sent] == [prompts.chat_prompt_ids(CharTokenizer(), [t], None, "S")
-                                           for t in ("ab", "cde")]
+    assert ["".join(map(chr, s["prompt"])) for s in sent] == ["<system>S</><user>", "ab", "cde"]
     assert all(s["max_tokens"] == 1 and s["model"] == "m" for s in sent)
     assert res["tokens"] == sum(len(s["prompt"]) for s in sent) and res["computed"] == 2
+    # each stored prompt is one segment for LMCache, with the ids that segment has in a question
+    tok = CharTokenizer(bos=False)
+    asked = lmcache_segments(prompts.chat_prompt_ids(tok, ["cde", "ab"], "q?", "S"), tok)
+    assert [lmcache_segments(s["prompt"], tok) for s in sent] == [[asked[0]], [asked[2]], [asked[1]]]
 
-    # the fast path: a second round, not stored, each chunk followed by a question, so that LMCache's
-    # lookup (which drops a wholly cached prompt's last token) still finds the whole chunk segment
+    # the fast path: a second round, not stored, each chunk after the prefix and followed by a
+    # question, so that LMCache's lookup (which drops a wholly cached prompt's last token) still finds
+    # the whole chunk segment
     sent.clear()
     fast = runtime.Engine("blend", 8000, "vllm", model="m", env={"KVBLEND_BLEND_PATH": "fast"})
     res = gpu.precompute(fast, ["ab", "cde"], progress=False, system="S")
-    second = sent[2:]
-    want = [prompts.chat_prompt_ids(CharTokenizer(), [t], gpu.PRIME_QUESTION, "S") for t in ("ab", "cde")]
+    second = sent[3:]
+    want = [prompts.chat_prompt_ids(tok, [t], gpu.PRIME_QUESTION, "S") for t in ("ab", "cde")]
     assert [s["prompt"] for s in second] == want
     assert all(s["kv_transfer_params"] == {"lmcache.skip_save": True} for s in second)
-    assert res["tokens"] == sum(len(s["prompt"]) for s in sent[:2])  # the storing round only
-    tok = CharTokenizer(bos=False)
-    primed = lmcache_segments(prompts.chat_prompt_ids(tok, ["ab"], gpu.PRIME_QUESTION, "S"), tok)
-    assert primed[:2] == lmcache_segments(prompts.chat_prompt_ids(tok, ["ab"], None, "S"), tok)
+    assert res["tokens"] == sum(len(s["prompt"]) for s in sent[:3])  # the storing round only
+    primed = lmcache_segments(want[0], tok)
+    assert primed[:2] == [asked[0], asked[2]]
+    assert gpu.precompute(e, [], progress=False)["tokens"] == 0
 
     monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(
         transport=httpx.MockTransport(lambda r: httpx.Response(400, text="too long")), **kw))
@@ -404,3 +409,19 @@ def test_python_time_attributes_host_time_to_functions(tmp_path):
     rows = {line.split()[-1]: [float(x) for x in line.split()[:2]]
             for line in gpu_validate.python_time(trace).splitlines()[1:]}
     assert rows == {"step": [5.0, 12.0], "lookup": [3.0, 4.0], "blend": [3.0, 3.0], "hash": [1.0, 1.0]}
+
+
+def test_quality_harness_same_position_prompts_put_the_chunk_where_it_was_stored():
+    """gpu_quality's same_pos set: the chunk at positions 0..n-1, as precompute stored it alone."""
+    import sys
+
+    sys.path.insert(0, str(runtime.ROOT / "scripts"))
+    import gpu_quality
+
+    tok = CharTokenizer(bos=False)
+    ids = gpu_quality.prompt_ids(tok, "same_pos", ["chunk A"], "Q?")
+    assert lmcache_segments(ids, tok) == [list(map(ord, "chunk A")), list(map(ord, "Q?</><assistant>"))]
+    stored = gpu.storing_prompts(tok, ["chunk A"], prompts.DEFAULT_SYSTEM)[1]
+    assert ids[:len(stored)] == stored
+    qa = gpu_quality.prompt_ids(tok, "qa", ["chunk A"], "Q?")
+    assert qa == prompts.chat_prompt_ids(tok, ["chunk A"], "Q?")

@@ -84,10 +84,12 @@ def test_ratio_015_agrees_and_kl_falls_with_the_ratio(scores):
     assert kls[0] > kls[1] > kls[2]
 
 
-@pytest.mark.xfail(strict=False, reason="measured 2026-11-29 on 121 QA prompts: GPU 0.0322 (by K; 0.0294 "
-                   "by V) against 1.2 x 0.0218 (embedded) + 0.0015 (floor) = 0.0277; see docs/gpu.md")
 def test_ratio_015_within_the_embedded_engine_bound(scores):
-    """Issue 9's bound: at most 1.2 x the embedded engine's KL on the same prompts, plus the floor."""
+    """Issue 9's bound: at most 1.2 x the embedded engine's KL on the same prompts, plus the floor.
+
+    Missed on the H200 while precompute stored chunks computed after the chat prefix (0.0322 against
+    0.0277, 121 prompts); chunks are stored computed alone since, which the GPU's conditions replayed
+    on the CPU put at 0.0228 on 40 prompts (scripts/blend_gap_study.py). Not yet run on a GPU."""
     floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
     r = scores[("fast_0.15", "qa")]
     assert r["top20_kl_mean"] <= 1.2 * embedded_kl(0.15, r["prompts"]) + floor
