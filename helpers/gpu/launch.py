@@ -287,7 +287,7 @@ def storing_prompts(tok, texts: list[str], system: str = DEFAULT_SYSTEM) -> list
     """What precompute stores: the chat prefix, then every chunk, each segment alone from position 0
     (no prefix, no separator: one segment, which LMCache keys by its ids alone), as the embedded
     engine computes chunk KV. A chunk's KV computed after the chat prefix, as precompute stored it
-    until session 5, blends worse: top-20 KL 0.0323 against 0.0228 at ratio 0.15 on 40 QA prompts,
+    until session 5, blends worse: top-20 KL 0.0329 against 0.0237 at ratio 0.15 on 121 QA prompts,
     the GPU's conditions (bf16, separators, K deviation) replayed on the CPU
     (`scripts/blend_gap_study.py`; the H200 measured 0.0322 the old way)."""
     segments = [chat_segment_ids(tok, [text], None, system) for text in texts]
