@@ -277,7 +277,7 @@ def gpu_ttft(rows: list[dict]) -> go.Figure:
                                                                  if cross else ""),
                             line=dict(color=COLORS["blend"] if path != "upstream" else "#999999",
                                       dash=dashes.get(path, "dot")))
-    return _layout(fig, "Measured on H200: TTFT by prompt length", xaxis_title="prompt tokens",
+    return _layout(fig, "Measured on H100 and H200 GPUs: TTFT by prompt length", xaxis_title="prompt tokens",
                    yaxis_title="TTFT (ms)", yaxis_rangemode="tozero")
 
 
@@ -294,7 +294,10 @@ def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
     """How far each engine's first-token distribution is from a full prefill's (top-20 KL, log
     scale), GPU and embedded side by side; the float32-vs-bf16 row is the GPU's noise floor."""
     g = [r for r in rows if r["prompt_set"] == prompt_set and r["engine"] != "full"]
-    names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts)" for r in g]  # runs differ in size
+    # runs differ in size, card and what precompute stored: every bar its own row
+    names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts" +
+             (f", {r['gpus']}, stored {r['precompute']}" if r["backend"] != "embedded" and r.get("precompute")
+              else "") + ")" for r in g]
     colors = [COLORS["full"] if "fp32" in r["engine"] else
               "#999999" if r.get("blend_path") == "upstream" or r["engine"] == "naive_reuse" else
               COLORS["blend"] for r in g]

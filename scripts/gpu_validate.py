@@ -395,9 +395,21 @@ def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], merg
 
 
 # ------------------------------------------------------------------ the device run
+def gpu_name() -> str:
+    """The card's short name (H100, H200) for the CSV, from nvidia-smi: the harness itself stays off
+    the GPU the engines share. (Runs until session 6 were all labeled H200.)"""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "GPU"
+    return next((w for w in names if re.fullmatch(r"[A-Z]+\d+\w*", w)), "GPU")
+
+
 def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: float, run_selftest: bool,
            merges: tuple[int, ...] = (1,), paths: tuple[str, ...] = ("fast", "fixed", "upstream"),
-           one_at_a_time: bool = False, store_gb: float = 8.0, profile_size: int = 0) -> int:
+           one_at_a_time: bool = False, store_gb: float = 8.0, profile_size: int = 0,
+           max_model_len: int = 32768) -> int:
     """Start plain vLLM and one blend engine per path (all at once on one GPU, or one at a time for
     models too big to share it), precompute the corpus on each blend engine, time the same prompts on
     every engine, and optionally profile one request of `profile_size` tokens per engine."""
@@ -416,8 +428,10 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         notes["selftest_rc"] = test.returncode
         print(test.stdout + test.stderr[-3000:], flush=True)
     share = 0.85 if one_at_a_time else round(0.85 / (1 + len(paths)), 3)
-    layout = "1x H200 (one engine at a time)" if one_at_a_time else f"1x H200 (shared by {1 + len(paths)})"
-    opts = dict(gpu_memory_utilization=share, max_model_len=32768, load_format="dummy", dtype="bfloat16",
+    card = gpu_name()
+    layout = f"1x {card} " + ("(one engine at a time)" if one_at_a_time else f"(shared by {1 + len(paths)})")
+    opts = dict(gpu_memory_utilization=share, max_model_len=max_model_len, load_format="dummy",
+                dtype="bfloat16",
                 architecture=gpu.served_architecture(gpu.model_config(str(model)), str(model)))
 
     def profiled(name):
@@ -514,6 +528,8 @@ def main(argv=None) -> int:
     d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
     d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")
+    d.add_argument("--max-model-len", type=int, default=32768,
+                   help="lower it where the engines share a smaller GPU (an H100)")
     d.add_argument("--selftest", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "model":
@@ -525,7 +541,7 @@ def main(argv=None) -> int:
         return 0 if flex_check(a.out)["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
-                  a.store_gb, a.profile)
+                  a.store_gb, a.profile, a.max_model_len)
 
 
 if __name__ == "__main__":

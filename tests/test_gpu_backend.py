@@ -425,3 +425,17 @@ def test_quality_harness_same_position_prompts_put_the_chunk_where_it_was_stored
     assert ids[:len(stored)] == stored
     qa = gpu_quality.prompt_ids(tok, "qa", ["chunk A"], "Q?")
     assert qa == prompts.chat_prompt_ids(tok, ["chunk A"], "Q?")
+
+
+def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
+    """Runs on an H100 were once labeled H200: the CSV's gpus column comes from nvidia-smi."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(runtime.ROOT / "scripts"))
+    import gpu_validate
+
+    for out, want in (("NVIDIA H100 80GB HBM3\n", "H100"), ("NVIDIA H200\n", "H200"), ("", "GPU")):
+        monkeypatch.setattr(subprocess, "run", lambda *a, out=out, **k: SimpleNamespace(stdout=out))
+        assert gpu_validate.gpu_name() == want

@@ -341,8 +341,10 @@ def test_gpu_quality_chart_from_the_committed_csv():
     rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "h200_quality.csv")
     fig = plots.gpu_quality(rows)
     names = list(fig.data[0].y)
-    for name in ("vllm: fixed_0.15 (34 prompts)", "vllm: full_fp32 (121 prompts)",
-                 "vllm: fast_0.15 (121 prompts)", "embedded: blend_0.15 (34 prompts)"):
+    old, new = "1x H200, stored prefix SEP chunk", "1x H100, stored chunk alone"  # issue 9's precompute fix
+    for name in (f"vllm: fixed_0.15 (34 prompts, {old})", f"vllm: full_fp32 (121 prompts, {old})",
+                 f"vllm: fast_0.15 (121 prompts, {old})", f"vllm: fast_0.15 (121 prompts, {new})",
+                 "embedded: blend_0.15 (34 prompts)"):
         assert name in names
     assert len(set(names)) == len(names)  # every bar its own row
     assert plots.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
