@@ -296,8 +296,7 @@ def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
     g = [r for r in rows if r["prompt_set"] == prompt_set and r["engine"] != "full"]
     # runs differ in size, card and what precompute stored: every bar its own row
     names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts" +
-             (f", {r['gpus']}, stored {r['precompute']}" if r["backend"] != "embedded" and r.get("precompute")
-              else "") + ")" for r in g]
+             (f", {r['gpus']}, stored {r['precompute']}" if r.get("precompute") else "") + ")" for r in g]
     colors = [COLORS["full"] if "fp32" in r["engine"] else
               "#999999" if r.get("blend_path") == "upstream" or r["engine"] == "naive_reuse" else
               COLORS["blend"] for r in g]
