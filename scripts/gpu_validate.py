@@ -409,7 +409,7 @@ def gpu_name() -> str:
 def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: float, run_selftest: bool,
            merges: tuple[int, ...] = (1,), paths: tuple[str, ...] = ("fast", "fixed", "upstream"),
            one_at_a_time: bool = False, store_gb: float = 8.0, profile_size: int = 0,
-           max_model_len: int = 32768) -> int:
+           max_model_len: int = 32768, cpu_gb: float = 8.0) -> int:
     """Start plain vLLM and one blend engine per path (all at once on one GPU, or one at a time for
     models too big to share it), precompute the corpus on each blend engine, time the same prompts on
     every engine, and optionally profile one request of `profile_size` tokens per engine."""
@@ -417,7 +417,8 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     t_start = time.time()
     deadline = t_start + budget_s
     out.mkdir(parents=True, exist_ok=True)
-    notes = {"shape": shape, "paths": list(paths), "one_at_a_time": one_at_a_time, "store_gb": store_gb}
+    notes = {"shape": shape, "paths": list(paths), "one_at_a_time": one_at_a_time, "store_gb": store_gb,
+             "cpu_gb": cpu_gb}
     model = ROOT / ".gpu" / "models" / shape
     if not (model / "config.json").exists():
         make_model(shape, model, ROOT / ".cache" / "smollm2-f32")
@@ -450,7 +451,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
                      **({GRAPHS_ENV: "0"} if path == "fast-eager" else {})}
         engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path.split("-")[0],
                                         gpu_kv_store_gb=store_gb,
-                                        cpu_cache_gb=8.0, **opts, **kw))  # host RAM: 128 GB for all
+                                        cpu_cache_gb=cpu_gb, **opts, **kw))
     tok = gpu.tokenizer_for(str(model))
     todo = prompts(tok, sizes, queries, LABELS[shape], merges)
     texts = {t for m in merges for t in merge_chunks(corpus_chunks()[0], m).values()}
@@ -530,6 +531,8 @@ def main(argv=None) -> int:
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")
     d.add_argument("--max-model-len", type=int, default=32768,
                    help="lower it where the engines share a smaller GPU (an H100)")
+    d.add_argument("--cpu-gb", type=float, default=8.0,
+                   help="LMCache's host store per blend engine; the corpus needs 5.2 GB at 7B, 9.7 GB at 34B")
     d.add_argument("--selftest", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "model":
@@ -541,7 +544,7 @@ def main(argv=None) -> int:
         return 0 if flex_check(a.out)["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
-                  a.store_gb, a.profile, a.max_model_len)
+                  a.store_gb, a.profile, a.max_model_len, a.cpu_gb)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ repaired (each chunk at the positions it was cached at: any ratio) and when ever
 (ratio 1.0, chunks reordered); the chunk store evicts least recently used chunks, never the prompt's
 own, and says when it cannot fit; the FlexAttention block lists are exact."""
 
+import collections
 import functools
 import logging
 import math
@@ -404,3 +405,63 @@ def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, cap
     calls.clear()
     blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
     assert calls == ["lmcache"]  # after a failure, LMCache's blender only
+
+
+class Storage:
+    """LMCache's storage manager as the lookup sees it: which (chunk, layer) keys it holds."""
+
+    def __init__(self, held):
+        self.held, self.contains, self.pinned, self.touched = set(held), 0, [], 0
+
+    def batched_contains(self, keys, search_range, pin):
+        self.contains += 1
+        n = next((i for i, k in enumerate(keys) if k not in self.held), len(keys))
+        if pin and n:
+            self.pinned += keys[:n]
+        return n, ({"LocalCPUBackend": keys[:n]} if n else {})
+
+    def batched_unpin(self, keys, locations):
+        for k in keys:
+            self.pinned.remove(k)
+
+    def touch_cache(self):
+        self.touched += 1
+
+
+def lookup_engine(held):
+    """LMCacheEngine as its lookup uses it (layer-wise, blending)."""
+    return types.SimpleNamespace(
+        use_layerwise=True, num_layers=LAYERS, retrieve_locations=None, is_healthy=lambda: True,
+        token_database=types.SimpleNamespace(
+            process_tokens=lambda tokens, request_configs=None: segments(list(tokens))),
+        storage_manager=Storage(held),
+        lookup_pins=collections.defaultdict(lambda: collections.defaultdict(list)),
+        stats_monitor=types.SimpleNamespace(on_lookup_request=int, on_lookup_finished=lambda *a: None))
+
+
+def test_lookup_answers_chunks_on_the_gpu_without_asking_lmcache(monkeypatch):
+    ids = SYS + list(SEP) + CHUNK_A + list(SEP) + CHUNK_B + list(SEP) + QUESTION
+    sys_key, a_key, b_key, q_key = [key for _, _, key in segments(ids)]
+    chunk_store = store()
+    for key, n in ((a_key, len(CHUNK_A)), (b_key, len(CHUNK_B))):
+        chunk_store.allocate(key, n)
+    monkeypatch.setitem(vp._FAST, "store", chunk_store)
+    monkeypatch.setitem(vp._FAST, "failed", False)
+    lookup = vp.store_first_lookup(lambda *a: "lmcache's own")
+    engine = lookup_engine(sys_key.split_layers(LAYERS))  # the system prompt on the host only
+
+    end_of_b = len(ids) - len(SEP) - len(QUESTION)
+    assert lookup(engine, ids, lookup_id="r1", pin=True) == end_of_b  # the question: not cached
+    storage = engine.storage_manager
+    assert storage.contains == 2  # the system prompt (hit) and the question (miss), never A or B
+    assert storage.pinned == sys_key.split_layers(LAYERS)  # pinned for the load, as LMCache pins
+    assert engine.lookup_pins["r1"]["LocalCPUBackend"] == sys_key.split_layers(LAYERS)
+    assert storage.touched == 1
+
+    storage.held = {(q_key, 0)}  # a chunk with some layers on the host: a miss, nothing left pinned
+    storage.pinned.clear()
+    assert lookup(engine, list(QUESTION) + list(SEP) + CHUNK_A, lookup_id="r2", pin=True) == 0
+    assert storage.pinned == [] and "r2" not in engine.lookup_pins
+
+    monkeypatch.setitem(vp._FAST, "store", None)  # no GPU store: LMCache's lookup
+    assert lookup(engine, ids, lookup_id="r3", pin=True) == "lmcache's own"

@@ -214,6 +214,10 @@ def fake_stack(monkeypatch):
         def forward_contiguous(self, *args, **kwargs):
             return "flash"
 
+    class Engine:
+        def lookup(self, tokens=None, *args, **kwargs):
+            return 0
+
     ops, _ = fake_ops()
     modules = {
         "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
@@ -225,6 +229,7 @@ def fake_stack(monkeypatch):
         "lmcache.v1.compute.blend": {}, "lmcache.v1.compute.blend.blender": {"LMCBlender": Blender},
         "lmcache.v1.compute.attention": {},
         "lmcache.v1.compute.attention.flash_attn": {"LMCFlashAttnBackend": FlashBackend},
+        "lmcache.v1.cache_engine": {"LMCacheEngine": Engine},
     }
     for name, attrs in modules.items():
         mod = types.ModuleType(name)
@@ -234,7 +239,7 @@ def fake_stack(monkeypatch):
         if parent:
             setattr(sys.modules[parent], child, mod)
     return types.SimpleNamespace(Worker=Worker, registered=registered, ops=ops, Blender=Blender,
-                                 FlashBackend=FlashBackend,
+                                 FlashBackend=FlashBackend, Engine=Engine,
                                  connectors=sys.modules["lmcache.v1.gpu_connector.gpu_connectors"])
 
 
@@ -256,6 +261,7 @@ def test_the_fast_path_is_the_default(fake_stack, tmp_path, monkeypatch):
     vp.register()
     assert fake_stack.Blender.blend._kvblend  # LMCache's blend goes through the fast path first
     assert fake_stack.Blender.process_qkv is vp.process_qkv  # and falls back to the mended blender
+    assert fake_stack.Engine.lookup._kvblend  # chunks on the GPU are looked up there
 
 
 def test_double_unpin_warning_only_once(fake_stack, tmp_path, monkeypatch, caplog):

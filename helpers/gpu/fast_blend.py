@@ -84,6 +84,10 @@ class ChunkStore:
     def bytes_per_token(cls, layers: int, kv_dim: int, dtype) -> int:
         return layers * 2 * kv_dim * torch.empty((), dtype=dtype).element_size() + 8
 
+    def holds(self, key) -> bool:
+        """Whether the chunk is here; safe from LMCache's lookup thread (no LRU update)."""
+        return key in self.chunks
+
     def rows(self, key):
         """The chunk's rows (a host tensor: prompts index with it before one copy to the device),
         or None; a hit makes it the most recently used."""
