@@ -27,6 +27,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -417,6 +418,9 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     t_start = time.time()
     deadline = t_start + budget_s
     out.mkdir(parents=True, exist_ok=True)
+    # `timeout` sends SIGTERM: exit through the `finally` below, which stops the engines and keeps
+    # the logs and notes (rows are written after each group of engines)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     notes = {"shape": shape, "paths": list(paths), "one_at_a_time": one_at_a_time, "store_gb": store_gb,
              "cpu_gb": cpu_gb}
     model = ROOT / ".gpu" / "models" / shape
