@@ -463,5 +463,7 @@ def test_lookup_answers_chunks_on_the_gpu_without_asking_lmcache(monkeypatch):
     assert lookup(engine, list(QUESTION) + list(SEP) + CHUNK_A, lookup_id="r2", pin=True) == 0
     assert storage.pinned == [] and "r2" not in engine.lookup_pins
 
+    monkeypatch.setitem(vp._FAST, "store", store(tokens=len(CHUNK_A)))  # the prompt cannot fit
+    assert lookup(engine, ids, lookup_id="r3", pin=True) == "lmcache's own"  # LMCache's blender: pins
     monkeypatch.setitem(vp._FAST, "store", None)  # no GPU store: LMCache's lookup
-    assert lookup(engine, ids, lookup_id="r3", pin=True) == "lmcache's own"
+    assert lookup(engine, ids, lookup_id="r4", pin=True) == "lmcache's own"

@@ -77,6 +77,7 @@ class ChunkStore:
         pages = capacity_tokens // page
         self.kv = torch.empty(layers, 2, pages * page, kv_dim, dtype=dtype, device=device)
         self.pos = torch.zeros(pages * page, dtype=torch.long, device=device)
+        self.pages = pages
         self.free = list(range(pages))
         self.chunks: OrderedDict = OrderedDict()  # key -> (rows on the device, pages)
 
@@ -87,6 +88,10 @@ class ChunkStore:
     def holds(self, key) -> bool:
         """Whether the chunk is here; safe from LMCache's lookup thread (no LRU update)."""
         return key in self.chunks
+
+    def fits(self, lengths) -> bool:
+        """Whether chunks of these lengths fit at once (else a prompt of them falls back)."""
+        return sum(-(-n // self.page) for n in lengths) <= self.pages
 
     def rows(self, key):
         """The chunk's rows (a host tensor: prompts index with it before one copy to the device),
