@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from helpers import engines as eng  # noqa: E402
 from helpers import runtime  # noqa: E402
 from helpers.gpu import launch as gpu  # noqa: E402
-from helpers.gpu.fast_blend import GRAPHS_ENV, TIMING_ENV  # noqa: E402
+from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
@@ -448,11 +448,13 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         return {"extra_args": ("--profiler-config", json.dumps(cfg)), "env": {"KVBLEND_PROFILE_DIR": str(d)}}
 
     engines = [gpu.full_engine("full", 8001, str(model), **opts, **profiled("full"))]
-    for i, path in enumerate(paths):  # "fast-eager": the fast path without its CUDA graphs (an A/B)
+    for i, path in enumerate(paths):  # A/Bs: "fast-eager" without CUDA graphs, "fast-lmlookup" with
+        # LMCache's own lookup instead of the store-first one
         kw = profiled(path)
         fast = path.startswith("fast")
         kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if fast else {}),
-                     **({GRAPHS_ENV: "0"} if path == "fast-eager" else {})}
+                     **({GRAPHS_ENV: "0"} if path == "fast-eager" else {}),
+                     **({LOOKUP_ENV: "0"} if path == "fast-lmlookup" else {})}
         engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path.split("-")[0],
                                         gpu_kv_store_gb=store_gb,
                                         cpu_cache_gb=cpu_gb, **opts, **kw))
@@ -529,7 +531,8 @@ def main(argv=None) -> int:
     d.add_argument("--merge", default="1", help="join N consecutive chunks into one document; "
                    "a list (1,4) measures each size with each")
     d.add_argument("--paths", default="fast,fixed,upstream",
-                   help="blend paths, one engine each; fast-eager: the fast path without CUDA graphs")
+                   help="blend paths, one engine each; fast-eager: the fast path without CUDA graphs; "
+                        "fast-lmlookup: with LMCache's own lookup")
     d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
     d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")

@@ -264,6 +264,13 @@ def test_the_fast_path_is_the_default(fake_stack, tmp_path, monkeypatch):
     assert fake_stack.Engine.lookup._kvblend  # chunks on the GPU are looked up there
 
 
+def test_lmcache_lookup_kept_on_request(fake_stack, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+    monkeypatch.setenv("KVBLEND_FAST_LOOKUP", "0")  # the A/B engine of scripts/gpu_validate.py
+    vp.register()
+    assert fake_stack.Blender.blend._kvblend and not hasattr(fake_stack.Engine.lookup, "_kvblend")
+
+
 def test_double_unpin_warning_only_once(fake_stack, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
     lmcache_log = logging.getLogger("lmcache.v1.memory_management")

@@ -47,6 +47,7 @@ log = logging.getLogger("vllm.kvblend_plugin")
 STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
 GRAPHS_ENV = "KVBLEND_FAST_GRAPHS"  # "0": the layers past the check layer run eagerly
 TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time per phase
+LOOKUP_ENV = "KVBLEND_FAST_LOOKUP"  # "0": LMCache's own lookup, per-layer pins and all (an A/B)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store

@@ -390,7 +390,10 @@ def register() -> None:
                 blender.LMCBlender.blend = fast_blend(blender.LMCBlender.blend)
             from lmcache.v1.cache_engine import LMCacheEngine
 
-            if not getattr(LMCacheEngine.lookup, "_kvblend", False):
+            from .fast_blend import LOOKUP_ENV
+
+            wrapped = getattr(LMCacheEngine.lookup, "_kvblend", False)
+            if os.environ.get(LOOKUP_ENV, "1") != "0" and not wrapped:
                 LMCacheEngine.lookup = store_first_lookup(LMCacheEngine.lookup)
     except ImportError as err:  # vLLM or LMCache missing: the engine itself will say so
         log.warning("kvblend plugin inactive, cannot import %s", err.name or err)
