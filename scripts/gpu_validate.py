@@ -43,6 +43,8 @@ from helpers.gpu import launch as gpu  # noqa: E402
 from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
+# the fast path with one of its parts off, to A/B in one run: its CUDA graphs, its store-first lookup
+AB_PATHS = {"fast-eager": {GRAPHS_ENV: "0"}, "fast-lmlookup": {LOOKUP_ENV: "0"}}
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 SHAPES = {
     # mistralai/Mistral-7B-Instruct-v0.2's config.json, with SmolLM2's vocabulary
@@ -448,13 +450,10 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         return {"extra_args": ("--profiler-config", json.dumps(cfg)), "env": {"KVBLEND_PROFILE_DIR": str(d)}}
 
     engines = [gpu.full_engine("full", 8001, str(model), **opts, **profiled("full"))]
-    for i, path in enumerate(paths):  # A/Bs: "fast-eager" without CUDA graphs, "fast-lmlookup" with
-        # LMCache's own lookup instead of the store-first one
+    for i, path in enumerate(paths):
         kw = profiled(path)
         fast = path.startswith("fast")
-        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if fast else {}),
-                     **({GRAPHS_ENV: "0"} if path == "fast-eager" else {}),
-                     **({LOOKUP_ENV: "0"} if path == "fast-lmlookup" else {})}
+        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if fast else {}), **AB_PATHS.get(path, {})}
         engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path.split("-")[0],
                                         gpu_kv_store_gb=store_gb,
                                         cpu_cache_gb=cpu_gb, **opts, **kw))
