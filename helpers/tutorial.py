@@ -63,9 +63,9 @@ def _answering(name: str, port: int) -> Engine | None:
 
 
 # The sample question's context per backend. On the CPU engine blending wins at any length (3.7x at
-# 2K tokens); on the GPU, for a 7B model, the default fast path loses below about 3K tokens and
-# LMCache's own blender below 8-10K (0.80x / 0.32x at 1.8K, 1.99x / 0.97x at 8K on an H200:
-# docs/gpu.md), so the GPU engines get a context past both crossovers (about 2.5x on the fast path)
+# 2K tokens); on the GPU, for a 7B model, the default fast path loses below about 2K tokens and
+# LMCache's own blender below 8-10K (0.73x / 0.32x at 1.8K, 2.61x / 0.97x at 8K on an H200:
+# docs/gpu.md), so the GPU engines get a context past both crossovers (about 3x on the fast path)
 # where the model's context allows it.
 SAMPLE_CHUNKS = ["encoder_flac", "protocol_rtmp", "filter_crop"]
 CONTEXT_TOKENS = {"embedded": 2_000, "vllm": 14_000}
