@@ -138,31 +138,91 @@ def gpu_ms(fn, *args, repeat: int = 5, **kwargs) -> float:
     return round((time.perf_counter() - t0) / repeat * 1e3, 3)
 
 
+# FlexAttention kernel options to try on the device (bf16, head size 128); {}: torch's default for the
+# card (on sm90: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps)
+FLEX_VARIANTS = [
+    {},
+    {"USE_TMA": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8, "USE_TMA": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 3, "num_warps": 4},
+]
+
+
+def gather_check(fb) -> dict:
+    """One layer's cached K and V of 8K and 32K prompt tokens gathered from a 7B-shaped chunk store
+    (in pages of 16 rows, shuffled): across the row axis of [2, rows, kv_dim] (before session 9)
+    against ChunkStore.cached's two first-axis gathers; ms each, and whether they agree."""
+    import torch
+
+    store = fb.ChunkStore(2, 1024, 40_000, torch.bfloat16, "cuda")
+    store.kv.normal_()
+    pages = torch.randperm(store.pages)
+    def row_axis(index):
+        return store.kv[1][:, index]
+
+    def first_axis(index):
+        return store.cached(1, 0, index), store.cached(1, 1, index)
+
+    res = {}
+    for n in (8192, 32768):
+        index = (pages[:, None] * store.page + torch.arange(store.page)).flatten()[:n].cuda()
+        res[str(n)] = {"row_axis_ms": gpu_ms(row_axis, index), "first_axis_ms": gpu_ms(first_axis, index),
+                       "equal": bool(torch.equal(row_axis(index), torch.stack(first_axis(index))))}
+    return res
+
+
 def flex_check(out: Path | None = None) -> dict:
-    """The fast path's attention on this GPU: exact against a dense masked reference for few and
-    many selected queries, and its time against SDPA's full causal attention over all tokens."""
+    """The fast path's attention on this GPU, for few and many selected queries: exact against a
+    dense masked reference, and timed against SDPA's full causal attention over all tokens, with
+    K/V copied to contiguous tensors first (as before session 9) and with each of FLEX_VARIANTS'
+    kernel options on strided views. `best`: the fastest exact options over the 8K and 32K shapes
+    (what KVBLEND_FLEX_OPTIONS takes)."""
     import torch
     import torch.nn.functional as F
 
     from helpers.gpu import fast_blend as fb
 
-    res, dev = {}, "cuda"
+    def copied(q, k, v, mask, scale):  # the inputs the kernel got before: contiguous copies
+        return fb.attend_selected(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale, {})
+
+    res, dev, scale = {"variants": [json.dumps(o) for o in FLEX_VARIANTS]}, "cuda", 128 ** -0.5
+    totals = [0.0] * len(FLEX_VARIANTS)
     for n_keys, n_sel in ((300, 5), (8192, 1229), (32768, 4915)):
         torch.manual_seed(0)
         q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
         sel = torch.sort(torch.randperm(n_keys, device=dev)[:n_sel]).values
         mask = fb.exact_causal_mask(sel, n_keys)
-        got = fb.attend_selected(q[sel], k, v, mask, 128 ** -0.5)
         dense = torch.arange(n_keys, device=dev)[None, :] <= sel[:, None]
         ref = F.scaled_dot_product_attention(q[sel].transpose(0, 1)[None], k.transpose(0, 1)[None],
                                              v.transpose(0, 1)[None], attn_mask=dense[None, None],
                                              enable_gqa=True)[0].transpose(0, 1)
         qs, qt, kt, vt = q[sel], q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        times = {"flex_selected_ms": gpu_ms(fb.attend_selected, qs, k, v, mask, 128 ** -0.5),
-                 "sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True,
-                                              enable_gqa=True)}
-        res[f"{n_keys}x{n_sel}"] = {"max_err": float((got.float() - ref.float()).abs().max()), **times}
-    res["ok"] = all(r["max_err"] < 0.05 for r in res.values())
+        # q, k and v as the tail has them: [tokens, heads, d] views of wider rows (q: of qkv)
+        kv = torch.cat([k.flatten(1), v.flatten(1)], dim=1)
+        ks, vs = kv[:, :1024].view(n_keys, 8, 128), kv[:, 1024:].view(n_keys, 8, 128)
+        qkv = torch.cat([qs.flatten(1), qs.new_zeros(n_sel, 2048)], dim=1)
+        qv = qkv[:, :4096].view(n_sel, 32, 128)
+        row = {"sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True,
+                                            enable_gqa=True),
+               "copied_default_ms": gpu_ms(copied, qs, k, v, mask, scale)}
+        for i, options in enumerate(FLEX_VARIANTS):
+            torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
+            fb._FLEX.pop("warned", None)
+            got = fb.attend_selected(qv, ks, vs, mask, scale, options)
+            err = float((got.float() - ref.float()).abs().max())
+            ms = gpu_ms(fb.attend_selected, qv, ks, vs, mask, scale, options)
+            if fb._FLEX.get("warned"):  # FlexAttention failed with these options: SDPA answered
+                err, ms = float("inf"), float("inf")
+            row[f"variant_{i}_ms"], row[f"variant_{i}_err"] = ms, err
+            if n_keys > 300:
+                totals[i] += ms if err < 0.05 else float("inf")
+        res[f"{n_keys}x{n_sel}"] = row
+    res["ok"] = all(res[s]["variant_0_err"] < 0.05 for s in ("300x5", "8192x1229", "32768x4915"))
+    res["gather"] = gather_check(fb)
+    best = min(range(len(totals)), key=totals.__getitem__)
+    res["best"] = FLEX_VARIANTS[best] if totals[best] < float("inf") else {}
+    res["best_over_default"] = round(totals[0] / totals[best], 3) if totals[best] < float("inf") else None
     if out:
         out.write_text(json.dumps(res, indent=2))
     print("flex:", json.dumps(res))

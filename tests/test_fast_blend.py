@@ -11,6 +11,7 @@ own, and says when it cannot fit; the FlexAttention block lists are exact."""
 
 import collections
 import functools
+import json
 import logging
 import math
 import os
@@ -373,6 +374,15 @@ def test_store_that_does_not_fit_says_what_to_change():
     assert fb.store_gb({}) == 4 and fb.store_gb({fb.STORE_ENV: "0.5"}) == 0.5
     with pytest.raises(ValueError, match="number of GB"):
         fb.store_gb({fb.STORE_ENV: "lots"})
+
+
+def test_flex_options_come_from_json_and_a_bad_value_says_what_is_expected():
+    assert fb.flex_options({}) == {} and fb.flex_options({fb.FLEX_ENV: " "}) == {}
+    options = {"BLOCK_N": 128, "num_warps": 8}
+    assert fb.flex_options({fb.FLEX_ENV: json.dumps(options)}) == options
+    for bad in ("BLOCK_N=128", "[128]"):
+        with pytest.raises(ValueError, match="JSON object of FlexAttention kernel options"):
+            fb.flex_options({fb.FLEX_ENV: bad})
 
 
 def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, caplog):

@@ -33,6 +33,7 @@ falls back to LMCache's blender with our fixes (the `fixed` path), logged once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
 GRAPHS_ENV = "KVBLEND_FAST_GRAPHS"  # "0": the layers past the check layer run eagerly
 TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time per phase
 LOOKUP_ENV = "KVBLEND_FAST_LOOKUP"  # "0": LMCache's own lookup, per-layer pins and all (an A/B)
+FLEX_ENV = "KVBLEND_FLEX_OPTIONS"  # JSON: FlexAttention kernel options (BLOCK_N, num_warps...)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store
@@ -119,6 +121,13 @@ class ChunkStore:
         rows = (base + torch.arange(self.page).repeat(need))[:n_tokens]
         self.chunks[key] = (rows, pages)
         return rows
+
+    def cached(self, layer: int, k_or_v: int, index: torch.Tensor) -> torch.Tensor:
+        """K (0) or V (1) of `layer` at store rows `index`: [len(index), kv_dim], a new tensor.
+        Indexing the first axis of a contiguous [rows, kv_dim] copies whole rows (PyTorch's
+        vectorized gather); `kv[layer][:, index]` took its generic element-wise index kernel
+        (`gpu_validate.py flex` times both)."""
+        return self.kv[layer, k_or_v][index]
 
     def drop(self, key) -> None:
         if key in self.chunks:
@@ -229,6 +238,21 @@ class Tail:
 _FLEX = {}
 
 
+def flex_options(environ=None) -> dict:
+    """FlexAttention kernel options from KVBLEND_FLEX_OPTIONS (a JSON object, e.g. `{"BLOCK_N": 128,
+    "num_warps": 8, "num_stages": 2}`; default: torch's own choice for this GPU). `gpu_validate.py
+    flex` times a few of them on the device and prints the fastest exact one."""
+    value = (os.environ if environ is None else environ).get(FLEX_ENV, "").strip()
+    try:
+        options = json.loads(value) if value else {}
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f"{FLEX_ENV} must be a JSON object of FlexAttention kernel options, "
+                         f'such as {{"BLOCK_N": 128}}; got {value!r}')
+    return options
+
+
 def flex_attention_fn(device_type: str):
     """FlexAttention compiled into one fused block-sparse kernel on the GPU (once, any length);
     its eager reference elsewhere (the CPU tests)."""
@@ -240,17 +264,23 @@ def flex_attention_fn(device_type: str):
     return _FLEX[device_type]
 
 
-def attend_selected(q, k, v, block_mask, scale: float) -> torch.Tensor:
+def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = None) -> torch.Tensor:
     """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d].
 
     FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
-    for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] inputs.
-    Should FlexAttention fail, the same exact mask through SDPA (slower, logged once)."""
-    qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
+    for these shapes on H200: "NoValidChoicesError"), on [1, heads, tokens, d] views: the kernel
+    reads any strides with a contiguous last axis, so K and V (all N tokens) are not copied.
+    `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should FlexAttention
+    fail, the same exact mask through SDPA (slower, logged once)."""
+    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
+    if options is None:
+        if "options" not in _FLEX:
+            _FLEX["options"] = flex_options()
+        options = _FLEX["options"] if q.device.type == "cuda" else {}
     try:
         out = flex_attention_fn(q.device.type)(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                                               kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+                                               kernel_options={"FORCE_USE_FLEX_ATTENTION": True, **options})
     except Exception as err:
         if not _FLEX.get("warned"):
             _FLEX["warned"] = True
@@ -399,9 +429,8 @@ class FastBlender:
                 out = self.full_attention[i].forward_contiguous(q, keys, values, torch.empty_like(q),
                                                                 full_meta)
             else:  # the check layer: which cached tokens deviate most from a fresh computation?
-                cached = self.store.kv[i][:, index]
-                fresh, old = (v, cached[1]) if self.deviation == "v" else \
-                    (k, self.rerotate(old_positions, positions, cached[0]))
+                fresh, old = (v, self.store.cached(i, 1, index)) if self.deviation == "v" else \
+                    (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
                 selected = select_tokens(fresh, old, gaps, self.ratio)
                 q, residual = q[selected], residual[selected]
                 mask = exact_causal_mask(selected, n_all)
@@ -438,9 +467,9 @@ class FastBlender:
             q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
             q, k, v = self.process_qkv(q, k, v, layer)
             q, k = attn.rotary_emb(t.positions, q, k)
-            cached = self.store.kv[i][:, t.index]  # every token's cached K/V: one gather
-            keys = self.rerotate(t.old_positions, t.new_positions, cached[0])
-            values = cached[1]
+            # every token's cached K/V, K re-rotated (in place) to its new position
+            keys = self.rerotate(t.old_positions, t.new_positions, self.store.cached(i, 0, t.index))
+            values = self.store.cached(i, 1, t.index)
             keys[t.rows], values[t.rows] = k, v
             heads, kv_heads, d = attn.attn.num_heads, attn.attn.num_kv_heads, attn.attn.head_size
             keys, values = keys.view(t.n_keys, kv_heads, d), values.view(t.n_keys, kv_heads, d)

@@ -328,6 +328,9 @@ def _make_fast_store(worker, model) -> None:
     from . import fast_blend as fb
 
     gb = fb.store_gb()
+    options = fb.flex_options()  # a bad KVBLEND_FLEX_OPTIONS stops the engine here, with its message
+    if options:
+        log.info("fast blend path: FlexAttention kernel options %s", options)
     if gb <= 0:
         log.warning("fast blend path without a GPU chunk store (%s=0): prompts go through LMCache's "
                     "blender", fb.STORE_ENV)
