@@ -145,7 +145,6 @@ FLEX_VARIANTS = [
     {"USE_TMA": True},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8, "USE_TMA": True},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 3, "num_warps": 4},
 ]
 
 
