@@ -157,6 +157,7 @@ def gather_check(fb) -> dict:
     store = fb.ChunkStore(2, 1024, 40_000, torch.bfloat16, "cuda")
     store.kv.normal_()
     pages = torch.randperm(store.pages)
+
     def row_axis(index):
         return store.kv[1][:, index]
 

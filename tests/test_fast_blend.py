@@ -326,6 +326,15 @@ def test_store_evicts_least_recently_used_never_the_prompts_own():
     assert rows is not None and len(set(rows.tolist())) == 9 and s.rows("a") is None
 
 
+def test_cached_rows_are_the_stored_rows_in_the_asked_order():
+    s = fb.ChunkStore(2, 3, 8, torch.float32, "cpu", page=4)
+    s.kv.copy_(torch.arange(s.kv.numel(), dtype=torch.float32).view_as(s.kv))
+    index = torch.tensor([5, 0, 7, 5])
+    for layer in (0, 1):
+        assert torch.equal(torch.stack([s.cached(layer, 0, index), s.cached(layer, 1, index)]),
+                           s.kv[layer][:, index])
+
+
 def test_fast_blend_says_no_without_hits_and_with_no_room():
     model, host = make_model(), Host()
     ids = SYS + list(SEP) + CHUNK_A

@@ -8,8 +8,8 @@ again. `FastBlender.blend` does the same algorithm, with issue 9's fixes, as one
     ids -> embed
     for each layer:
         norm -> qkv -> rotary (new positions)
-        cached K/V of every chunk token: one gather from the GPU chunk store, K re-rotated to the
-            new positions (LMCache's fused kernel)
+        cached K/V of every chunk token: two row gathers (K, V) from the GPU chunk store, K
+            re-rotated to the new positions (LMCache's fused kernel)
         below the check layer: every token computed, its fresh K/V kept
         at the check layer:    select the gap tokens + ceil(ratio x cached) cached tokens whose
                                fresh K (or V) deviates most; every token keeps its fresh K/V
