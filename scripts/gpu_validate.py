@@ -173,21 +173,27 @@ def gather_check(fb) -> dict:
 
 
 def flex_check(out: Path | None = None) -> dict:
-    """The fast path's attention on this GPU, for few and many selected queries: exact against a
-    dense masked reference, and timed against SDPA's full causal attention over all tokens, with
-    K/V copied to contiguous tensors first (as before session 9) and with each of FLEX_VARIANTS'
-    kernel options on strided views. `best`: the fastest exact options over the 8K and 32K shapes
-    (what KVBLEND_FLEX_OPTIONS takes)."""
+    """The fast path's attention on this GPU, for few and many selected queries, with the inputs the
+    tail has (q: a view of the qkv rows; K/V: ChunkStore.cached's token-major rows): exact against
+    a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
+    tail's way (attend_selected: head-major copies, then FlexAttention) with each of FLEX_VARIANTS'
+    kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
+    session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
+    KVBLEND_FLEX_OPTIONS takes)."""
     import torch
     import torch.nn.functional as F
 
     from helpers.gpu import fast_blend as fb
 
-    def copied(q, k, v, mask, scale):  # the inputs the kernel got before: contiguous copies
-        return fb.attend_selected(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale, {})
+    def views(q, k, v, mask, scale):  # session 9's way: no copies, the kernel reads the strides
+        qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+        out = fb.flex_attention_fn("cuda")(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True,
+                                           kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+        return out[0].transpose(0, 1)
 
     res, dev, scale = {"variants": [json.dumps(o) for o in FLEX_VARIANTS]}, "cuda", 128 ** -0.5
     cases = []
+    torch._dynamo.reset()
     for n_keys, n_sel in ((300, 5), (8192, 1229), (32768, 4915)):
         torch.manual_seed(0)
         q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
@@ -197,16 +203,16 @@ def flex_check(out: Path | None = None) -> dict:
         ref = F.scaled_dot_product_attention(q[sel].transpose(0, 1)[None], k.transpose(0, 1)[None],
                                              v.transpose(0, 1)[None], attn_mask=dense[None, None],
                                              enable_gqa=True)[0].transpose(0, 1)
-        qs, qt, kt, vt = q[sel], q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        # q, k and v as the tail has them: [tokens, heads, d] views of wider rows (q: of qkv)
-        kv = torch.cat([k.flatten(1), v.flatten(1)], dim=1)
-        ks, vs = kv[:, :1024].view(n_keys, 8, 128), kv[:, 1024:].view(n_keys, 8, 128)
-        qkv = torch.cat([qs.flatten(1), qs.new_zeros(n_sel, 2048)], dim=1)
+        # q as the tail has it: a [tokens, heads, d] view of the wider qkv rows
+        qkv = torch.cat([q[sel].flatten(1), q.new_zeros(n_sel, 2048)], dim=1)
+        args = (qkv[:, :4096].view(n_sel, 32, 128), k, v, mask, scale)
         name = f"{n_keys}x{n_sel}"
-        res[name] = {"sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, qt, kt, vt, is_causal=True,
-                                                  enable_gqa=True),
-                     "copied_default_ms": gpu_ms(copied, qs, k, v, mask, scale)}
-        cases.append((name, (qkv[:, :4096].view(n_sel, 32, 128), ks, vs, mask, scale), ref))
+        res[name] = {"sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, q.transpose(0, 1)[None],
+                                                  k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                                  is_causal=True, enable_gqa=True),
+                     "views_ms": gpu_ms(views, *args),
+                     "views_err": float((views(*args).float() - ref.float()).abs().max())}
+        cases.append((name, args, ref))
     totals = [0.0] * len(FLEX_VARIANTS)
     for i, options in enumerate(FLEX_VARIANTS):
         torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
@@ -219,7 +225,10 @@ def flex_check(out: Path | None = None) -> dict:
             res[name][f"variant_{i}_ms"], res[name][f"variant_{i}_err"] = ms, err
             if name != "300x5":
                 totals[i] += ms if err < 0.05 else float("inf")
-    res["ok"] = all(res[s]["variant_0_err"] < 0.05 for s in ("300x5", "8192x1229", "32768x4915"))
+    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in ("300x5", "8192x1229", "32768x4915")
+                    for v in ("variant_0", "views"))
+    long = ("8192x1229", "32768x4915")
+    res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in long) / totals[0], 3)
     res["gather"] = gather_check(fb)
     best = min(range(len(totals)), key=totals.__getitem__)
     res["best"] = FLEX_VARIANTS[best] if totals[best] < float("inf") else {}

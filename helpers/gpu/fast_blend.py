@@ -268,11 +268,13 @@ def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = No
     """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d].
 
     FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
-    for these shapes on H200: "NoValidChoicesError"), on [1, heads, tokens, d] views: the kernel
-    reads any strides with a contiguous last axis, so K and V (all N tokens) are not copied.
+    for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] copies:
+    the layout the `gpu` tier validated. Session 9 passed token-major views instead; session 10's
+    H100 measured the kernel 1.6x slower on such views when rows are wider than K alone, and has no
+    A/B against these copies yet (`gpu_validate.py flex` times both), so the copies stay.
     `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should FlexAttention
     fail, the same exact mask through SDPA (slower, logged once)."""
-    qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
+    qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if options is None:
         if "options" not in _FLEX:
