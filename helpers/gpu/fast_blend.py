@@ -269,9 +269,10 @@ def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = No
 
     FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
     for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] copies:
-    the layout the `gpu` tier validated. Session 9 passed token-major views instead; session 10's
-    H100 measured the kernel 1.6x slower on such views when rows are wider than K alone, and has no
-    A/B against these copies yet (`gpu_validate.py flex` times both), so the copies stay.
+    the layout the `gpu` tier validated. Session 9 passed token-major views instead; on session 10's
+    H100 the kernel took 1.6x as long on views whose rows hold K and V side by side as on plain
+    token-major K/V, and views against these copies is not yet measured (`gpu_validate.py flex`
+    times both), so the copies stay.
     `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should FlexAttention
     fail, the same exact mask through SDPA (slower, logged once)."""
     qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
