@@ -394,6 +394,32 @@ def test_flex_options_come_from_json_and_a_bad_value_says_what_is_expected():
             fb.flex_options({fb.FLEX_ENV: bad})
 
 
+def test_flex_attention_gets_head_major_copies_and_the_masked_answer(monkeypatch):
+    """The layout the gpu tier validated: FlexAttention's inputs are contiguous [1, heads, tokens, d]
+    copies, also when the tail passes views of wider rows (session 9's views, 1.6x slower on an H100
+    for such rows, are not back until `gpu_validate.py flex` says they win)."""
+    seen = []
+    flex = fb.flex_attention_fn("cpu")
+
+    def spy(*tensors, **kwargs):
+        seen.extend(t.is_contiguous() for t in tensors)
+        return flex(*tensors, **kwargs)
+
+    monkeypatch.setitem(fb._FLEX, "cpu", spy)
+    n, n_sel = 40, 9
+    torch.manual_seed(0)
+    qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * D, dtype=DTYPE)
+    q, k, v = (t.view(n, -1, D) for t in qkv.split([HEADS * D, KV_HEADS * D, KV_HEADS * D], dim=1))
+    sel = torch.sort(torch.randperm(n)[:n_sel]).values
+    out = fb.attend_selected(q[sel], k, v, fb.exact_causal_mask(sel, n), D ** -0.5, {})
+    assert seen == [True, True, True]
+    dense = torch.arange(n)[None, :] <= sel[:, None]
+    ref = F.scaled_dot_product_attention(q[sel].transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=dense[None, None],
+                                         enable_gqa=True)[0].transpose(0, 1)
+    close(out, ref)
+
+
 def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, caplog):
     calls = []
 
