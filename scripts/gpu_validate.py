@@ -129,12 +129,13 @@ def gpu_ms(fn, *args, repeat: int = 5, **kwargs) -> float:
     """Mean GPU wall time of fn(*args, **kwargs) in ms, after one warm-up call."""
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn(*args, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn(*args, **kwargs)
-    torch.cuda.synchronize()
+    sync()
     return round((time.perf_counter() - t0) / repeat * 1e3, 3)
 
 
@@ -148,13 +149,13 @@ FLEX_VARIANTS = [
 ]
 
 
-def gather_check(fb) -> dict:
+def gather_check(fb, device: str = "cuda", sizes=(8192, 32768), rows: int = 40_000) -> dict:
     """One layer's cached K and V of 8K and 32K prompt tokens gathered from a 7B-shaped chunk store
     (in pages of 16 rows, shuffled): across the row axis of [2, rows, kv_dim] (before session 9)
     against ChunkStore.cached's two first-axis gathers; ms each, and whether they agree."""
     import torch
 
-    store = fb.ChunkStore(2, 1024, 40_000, torch.bfloat16, "cuda")
+    store = fb.ChunkStore(2, 1024, rows, torch.bfloat16, device)
     store.kv.normal_()
     pages = torch.randperm(store.pages)
 
@@ -165,21 +166,25 @@ def gather_check(fb) -> dict:
         return store.cached(1, 0, index), store.cached(1, 1, index)
 
     res = {}
-    for n in (8192, 32768):
-        index = (pages[:, None] * store.page + torch.arange(store.page)).flatten()[:n].cuda()
+    for n in sizes:
+        index = (pages[:, None] * store.page + torch.arange(store.page)).flatten()[:n].to(device)
         res[str(n)] = {"row_axis_ms": gpu_ms(row_axis, index), "first_axis_ms": gpu_ms(first_axis, index),
                        "equal": bool(torch.equal(row_axis(index), torch.stack(first_axis(index))))}
     return res
 
 
-def flex_check(out: Path | None = None) -> dict:
+FLEX_SHAPES = ((300, 5), (8192, 1229), (32768, 4915))  # (keys, selected queries): 15% past 300
+
+
+def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES, gather=None) -> dict:
     """The fast path's attention on this GPU, for few and many selected queries, with the inputs the
     tail has (q: a view of the qkv rows; K/V: ChunkStore.cached's token-major rows): exact against
     a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
     tail's way (attend_selected: head-major copies, then FlexAttention) with each of FLEX_VARIANTS'
     kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
     session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
-    KVBLEND_FLEX_OPTIONS takes)."""
+    KVBLEND_FLEX_OPTIONS takes). `device`, `shapes`, `gather`: gather_check's arguments, small on the
+    CPU (tests/test_gpu_backend.py runs it there before the device does)."""
     import torch
     import torch.nn.functional as F
 
@@ -187,14 +192,15 @@ def flex_check(out: Path | None = None) -> dict:
 
     def views(q, k, v, mask, scale):  # session 9's way: no copies, the kernel reads the strides
         qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
-        out = fb.flex_attention_fn("cuda")(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True,
+        out = fb.flex_attention_fn(device)(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True,
                                            kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
         return out[0].transpose(0, 1)
 
-    res, dev, scale = {"variants": [json.dumps(o) for o in FLEX_VARIANTS]}, "cuda", 128 ** -0.5
+    res, dev, scale = {"variants": [json.dumps(o) for o in FLEX_VARIANTS]}, device, 128 ** -0.5
+    names = [f"{n_keys}x{n_sel}" for n_keys, n_sel in shapes]
     cases = []
     torch._dynamo.reset()
-    for n_keys, n_sel in ((300, 5), (8192, 1229), (32768, 4915)):
+    for n_keys, n_sel in shapes:
         torch.manual_seed(0)
         q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
         sel = torch.sort(torch.randperm(n_keys, device=dev)[:n_sel]).values
@@ -223,13 +229,11 @@ def flex_check(out: Path | None = None) -> dict:
             if fb._FLEX.get("warned"):  # FlexAttention failed with these options: SDPA answered
                 err, ms = float("inf"), float("inf")
             res[name][f"variant_{i}_ms"], res[name][f"variant_{i}_err"] = ms, err
-            if name != "300x5":
+            if name != names[0]:
                 totals[i] += ms if err < 0.05 else float("inf")
-    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in ("300x5", "8192x1229", "32768x4915")
-                    for v in ("variant_0", "views"))
-    long = ("8192x1229", "32768x4915")
-    res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in long) / totals[0], 3)
-    res["gather"] = gather_check(fb)
+    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in names for v in ("variant_0", "views"))
+    res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in names[1:]) / totals[0], 3)
+    res["gather"] = gather_check(fb, device, **(gather or {}))
     best = min(range(len(totals)), key=totals.__getitem__)
     res["best"] = FLEX_VARIANTS[best] if totals[best] < float("inf") else {}
     res["best_over_default"] = round(totals[0] / totals[best], 3) if totals[best] < float("inf") else None

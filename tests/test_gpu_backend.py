@@ -439,3 +439,23 @@ def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
     for out, want in (("NVIDIA H100 80GB HBM3\n", "H100"), ("NVIDIA H200\n", "H200"), ("", "GPU")):
         monkeypatch.setattr(subprocess, "run", lambda *a, out=out, **k: SimpleNamespace(stdout=out))
         assert gpu_validate.gpu_name() == want
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
+    """`gpu_validate.py flex` at small shapes: every layout and option set it times gives the dense
+    reference's answer, both gathers the same rows, and it writes the fields docs/gpu.md reads
+    (device time is scarce: a crash there costs a session's run)."""
+    import sys
+
+    sys.path.insert(0, str(runtime.ROOT / "scripts"))
+    import gpu_validate
+
+    res = gpu_validate.flex_check(tmp_path / "flex.json", device="cpu", shapes=((40, 3), (96, 15), (160, 24)),
+                                  gather={"sizes": (64, 128), "rows": 400})
+    assert res["ok"] and json.loads((tmp_path / "flex.json").read_text())["best"] == res["best"]
+    for shape in ("40x3", "96x15", "160x24"):
+        assert res[shape]["views_err"] < 0.05
+        assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
+    assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
+    assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1
