@@ -183,8 +183,8 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     tail's way (attend_selected: head-major copies, then FlexAttention) with each of FLEX_VARIANTS'
     kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
     session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
-    KVBLEND_FLEX_OPTIONS takes). `device`, `shapes`, `gather`: gather_check's arguments, small on the
-    CPU (tests/test_gpu_backend.py runs it there before the device does)."""
+    KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and `gather` (gather_check's sizes and rows) let
+    tests/test_gpu_backend.py run it small on the CPU before the device does."""
     import torch
     import torch.nn.functional as F
 
