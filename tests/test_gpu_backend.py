@@ -459,3 +459,15 @@ def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
         assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
     assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
     assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1
+
+
+def test_device_step_script_parses_and_names_its_steps(tmp_path):
+    """scripts/device_step.sh is what each device call runs: a syntax error there costs a start."""
+    import subprocess
+
+    script = str(runtime.ROOT / "scripts" / "device_step.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    for args in (["bogus"], []):
+        bad = subprocess.run(["bash", script, *args], capture_output=True, text=True,
+                             env={**os.environ, "OUT": str(tmp_path)})
+        assert bad.returncode == 2 and "unpack PART W, part W, tier, flex, 7b or 34b" in bad.stderr

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call of a GPU device session (docs/gpu.md, Reproduce), so that each `run` is one short line.
+# Back to back on one warm machine, `carry` in brackets:
+#   [.gpu/p1, .gpu/wa]  bash scripts/device_step.sh unpack p1 a
+#   [.gpu/p2, .gpu/wb]  bash scripts/device_step.sh unpack p2 b
+#   [.gpu/wc]           bash scripts/device_step.sh part c
+#   [.gpu/wd]           bash scripts/device_step.sh tier     (joins SmolLM2's weights, runs `pytest -m gpu`)
+#   []                  bash scripts/device_step.sh flex     (the attention and gather A/Bs)
+#   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
+# Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
+# The 7b/34b runs need a tokenizer: the weights (after `tier`) or `.gpu/tok` carried with p2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+steps="unpack PART W, part W, tier, flex, 7b or 34b"
+step=${1:-}
+case $step in
+  unpack | part | tier | flex | 7b | 34b) shift; mkdir -p "$OUT" /root/site /root/wx ;;
+  *) echo "device_step.sh: unknown step '$step' ($steps)" >&2; exit 2 ;;
+esac
+case $step in
+  unpack)
+    python3 -c "import tarfile,sys; tarfile.open(sys.argv[1],'r:xz').extractall('/root/site',filter='fully_trusted')" \
+      ".gpu/$1/$1.tar.xz"
+    cp ".gpu/w$2/part" "/root/wx/$2" ;;
+  part)
+    cp ".gpu/w$1/part" "/root/wx/$1" ;;
+  tier)
+    if [ -f .gpu/wd/part ]; then cp .gpu/wd/part /root/wx/d; fi
+    mkdir -p /root/smol && cat /root/wx/a /root/wx/b /root/wx/c /root/wx/d | xz -d | tar -x -C /root/smol
+    source scripts/device_env.sh
+    KVBLEND_GPU_MODEL=/root/smol KVBLEND_GPU_OUT="$OUT/q" timeout 540 \
+      python3 -m pytest -m gpu tests/gpu -rs -x -q 2>&1 | tee "$OUT/tier.log" ;;
+  flex)
+    source scripts/device_env.sh
+    timeout 560 python3 scripts/gpu_validate.py flex "$OUT/flex.json" 2>&1 | tee "$OUT/flex.log" ;;
+  7b | 34b)
+    source scripts/device_env.sh
+    if [ "$step" = 7b ]; then size=(--store-gb 6 --profile 32768); else size=(--store-gb 12 --cpu-gb 16); fi
+    timeout 570 python3 scripts/gpu_validate.py device --shape "$step" --out "$OUT/r$step" --paths fast,upstream \
+      --one-at-a-time "${size[@]}" "$@" 2>&1 | tee "$OUT/run_$step.log" ;;
+esac
