@@ -200,7 +200,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     names = [f"{n_keys}x{n_sel}" for n_keys, n_sel in shapes]
     cases = []
     torch._dynamo.reset()
-    for n_keys, n_sel in shapes:
+    for name, (n_keys, n_sel) in zip(names, shapes, strict=True):
         torch.manual_seed(0)
         q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
         sel = torch.sort(torch.randperm(n_keys, device=dev)[:n_sel]).values
@@ -212,7 +212,6 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
         # q as the tail has it: a [tokens, heads, d] view of the wider qkv rows
         qkv = torch.cat([q[sel].flatten(1), q.new_zeros(n_sel, 2048)], dim=1)
         args = (qkv[:, :4096].view(n_sel, 32, 128), k, v, mask, scale)
-        name = f"{n_keys}x{n_sel}"
         res[name] = {"sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, q.transpose(0, 1)[None],
                                                   k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                                   is_causal=True, enable_gqa=True),
