@@ -5,7 +5,7 @@
 #   [.gpu/p2, .gpu/wb]  bash scripts/device_step.sh unpack p2 b
 #   [.gpu/wc]           bash scripts/device_step.sh part c
 #   [.gpu/wd]           bash scripts/device_step.sh tier     (joins SmolLM2's weights, runs `pytest -m gpu`)
-#   []                  bash scripts/device_step.sh flex     (the attention and gather A/Bs)
+#   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
 #   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
 # The 7b/34b runs need a tokenizer: the weights (after `tier`) or `.gpu/tok` carried with p2.
@@ -33,7 +33,7 @@ case $step in
       python3 -m pytest -m gpu tests/gpu -rs -x -q 2>&1 | tee "$OUT/tier.log" ;;
   flex)
     source scripts/device_env.sh
-    timeout 560 python3 scripts/gpu_validate.py flex "$OUT/flex.json" 2>&1 | tee "$OUT/flex.log" ;;
+    timeout 560 python3 scripts/gpu_validate.py flex "$OUT/flex.json" "$@" 2>&1 | tee "$OUT/flex.log" ;;
   7b | 34b)
     source scripts/device_env.sh
     if [ "$step" = 7b ]; then size=(--store-gb 6 --profile 32768); else size=(--store-gb 12 --cpu-gb 16); fi

@@ -176,7 +176,8 @@ def gather_check(fb, device: str = "cuda", sizes=(8192, 32768), rows: int = 40_0
 FLEX_SHAPES = ((300, 5), (8192, 1229), (32768, 4915))  # (keys, selected queries): 15% past 300
 
 
-def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES, gather=None) -> dict:
+def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES, gather=None,
+               variants=FLEX_VARIANTS) -> dict:
     """The fast path's attention on this GPU, for few and many selected queries, with the inputs the
     tail has (q: a view of the qkv rows; K/V: ChunkStore.cached's token-major rows): exact against
     a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
@@ -184,7 +185,8 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
     session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
     KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and `gather` (gather_check's sizes and rows) let
-    tests/test_gpu_backend.py run it small on the CPU before the device does."""
+    tests/test_gpu_backend.py run it small on the CPU before the device does; `variants`, fewer option
+    sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute)."""
     import torch
     import torch.nn.functional as F
 
@@ -196,7 +198,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
                                            kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
         return out[0].transpose(0, 1)
 
-    res, dev, scale = {"variants": [json.dumps(o) for o in FLEX_VARIANTS]}, device, 128 ** -0.5
+    res, dev, scale = {"variants": [json.dumps(o) for o in variants]}, device, 128 ** -0.5
     names = [f"{n_keys}x{n_sel}" for n_keys, n_sel in shapes]
     cases = []
     torch._dynamo.reset()
@@ -218,8 +220,8 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
                      "views_ms": gpu_ms(views, *args),
                      "views_err": float((views(*args).float() - ref.float()).abs().max())}
         cases.append((name, args, ref))
-    totals = [0.0] * len(FLEX_VARIANTS)
-    for i, options in enumerate(FLEX_VARIANTS):
+    totals = [0.0] * len(variants)
+    for i, options in enumerate(variants):
         torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
         for name, args, ref in cases:
             fb._FLEX.pop("warned", None)
@@ -234,7 +236,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in names[1:]) / totals[0], 3)
     res["gather"] = gather_check(fb, device, **(gather or {}))
     best = min(range(len(totals)), key=totals.__getitem__)
-    res["best"] = FLEX_VARIANTS[best] if totals[best] < float("inf") else {}
+    res["best"] = variants[best] if totals[best] < float("inf") else {}
     res["best_over_default"] = round(totals[0] / totals[best], 3) if totals[best] < float("inf") else None
     if out:
         out.write_text(json.dumps(res, indent=2))
@@ -594,6 +596,8 @@ def main(argv=None) -> int:
     s.add_argument("out", type=Path, nargs="?")
     fx = sub.add_parser("flex")
     fx.add_argument("out", type=Path, nargs="?")
+    fx.add_argument("--variants", type=int, default=len(FLEX_VARIANTS),
+                    help="time only the first N kernel option sets (1: torch's default)")
     d = sub.add_parser("device")
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -620,7 +624,7 @@ def main(argv=None) -> int:
     if a.cmd == "selftest":
         return 0 if selftest(a.out)["ok"] else 1
     if a.cmd == "flex":
-        return 0 if flex_check(a.out)["ok"] else 1
+        return 0 if flex_check(a.out, variants=FLEX_VARIANTS[:max(a.variants, 1)])["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
                   a.store_gb, a.profile, a.max_model_len, a.cpu_gb)
