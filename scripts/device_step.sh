@@ -8,11 +8,12 @@
 #   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
 #   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
-# The 7b/34b runs need a tokenizer: the weights (after `tier`) or `.gpu/tok` carried with p2.
+# The 7b/34b runs need a tokenizer: the weights (after `tier`) or, for timings alone, `.gpu/tok`
+# carried with p1 instead of a weight part: [.gpu/p1, .gpu/tok] unpack p1; [.gpu/p2] unpack p2; 7b.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
-steps="unpack PART W, part W, tier, flex, 7b or 34b"
+steps="unpack PART [W], part W, tier, flex, 7b or 34b"
 step=${1:-}
 case $step in
   unpack | part | tier | flex | 7b | 34b) shift; mkdir -p "$OUT" /root/site /root/wx ;;
@@ -22,7 +23,9 @@ case $step in
   unpack)
     python3 -c "import tarfile,sys; tarfile.open(sys.argv[1],'r:xz').extractall('/root/site',filter='fully_trusted')" \
       ".gpu/$1/$1.tar.xz"
-    cp ".gpu/w$2/part" "/root/wx/$2" ;;
+    if [ -n "${2:-}" ]; then cp ".gpu/w$2/part" "/root/wx/$2"; fi
+    # a carried tokenizer (timings without weights) goes where device_env.sh looks for SmolLM2
+    if [ -d .gpu/tok ]; then mkdir -p /root/smol && cp .gpu/tok/* /root/smol/; fi ;;
   part)
     cp ".gpu/w$1/part" "/root/wx/$1" ;;
   tier)
