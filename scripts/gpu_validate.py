@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import re
 import shutil
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -177,7 +179,7 @@ FLEX_SHAPES = ((300, 5), (8192, 1229), (32768, 4915))  # (keys, selected queries
 
 
 def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES, gather=None,
-               variants=FLEX_VARIANTS) -> dict:
+               variants=FLEX_VARIANTS, autotune: bool = False) -> dict:
     """The fast path's attention on this GPU, for few and many selected queries, with the inputs the
     tail has (q: a view of the qkv rows; K/V: ChunkStore.cached's token-major rows): exact against
     a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
@@ -186,7 +188,9 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
     KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and `gather` (gather_check's sizes and rows) let
     tests/test_gpu_backend.py run it small on the CPU before the device does; `variants`, fewer option
-    sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute)."""
+    sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute);
+    `autotune`, also the tail's way compiled with Triton's autotuning (KVBLEND_FLEX_AUTOTUNE=1:
+    `autotune_ms`, `autotune_over_default`)."""
     import torch
     import torch.nn.functional as F
 
@@ -234,6 +238,18 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
                 totals[i] += ms if err < 0.05 else float("inf")
     res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in names for v in ("variant_0", "views"))
     res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in names[1:]) / totals[0], 3)
+    if autotune:  # the tail's way once more, compiled anew with Triton's autotuning
+        fb._FLEX.pop(device, None)
+        torch._dynamo.reset()
+        with mock.patch.dict(os.environ, {fb.AUTOTUNE_ENV: "1"}):
+            for name, args, ref in cases:
+                err = (fb.attend_selected(*args, {}).float() - ref.float()).abs().max()
+                res[name]["autotune_err"] = float(err)
+                res[name]["autotune_ms"] = gpu_ms(fb.attend_selected, *args, {})
+        fb._FLEX.pop(device, None)
+        tuned = sum(res[s]["autotune_ms"] for s in names[1:])
+        res["autotune_over_default"] = round(totals[0] / tuned, 3)
+        res["ok"] = res["ok"] and all(res[s]["autotune_err"] < 0.05 for s in names)
     res["gather"] = gather_check(fb, device, **(gather or {}))
     best = min(range(len(totals)), key=totals.__getitem__)
     res["best"] = variants[best] if totals[best] < float("inf") else {}
@@ -598,6 +614,7 @@ def main(argv=None) -> int:
     fx.add_argument("out", type=Path, nargs="?")
     fx.add_argument("--variants", type=int, default=len(FLEX_VARIANTS),
                     help="time only the first N kernel option sets (1: torch's default)")
+    fx.add_argument("--autotune", action="store_true", help="also time FlexAttention autotuned by Triton")
     d = sub.add_parser("device")
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -624,7 +641,8 @@ def main(argv=None) -> int:
     if a.cmd == "selftest":
         return 0 if selftest(a.out)["ok"] else 1
     if a.cmd == "flex":
-        return 0 if flex_check(a.out, variants=FLEX_VARIANTS[:max(a.variants, 1)])["ok"] else 1
+        res = flex_check(a.out, variants=FLEX_VARIANTS[:max(a.variants, 1)], autotune=a.autotune)
+        return 0 if res["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
                   a.store_gb, a.profile, a.max_model_len, a.cpu_gb)

@@ -459,6 +459,26 @@ def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
         assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
     assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
     assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1
+    quick = gpu_validate.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
+                                    gather={"sizes": (64,), "rows": 100},
+                                    variants=gpu_validate.FLEX_VARIANTS[:1], autotune=True)
+    assert quick["ok"] and quick["variants"] == ["{}"] and "variant_1_ms" not in quick["96x15"]
+    assert quick["96x15"]["autotune_err"] < 0.05 and quick["autotune_over_default"] > 0
+
+
+def test_flex_autotune_switch_compiles_with_triton_autotuning(monkeypatch):
+    """KVBLEND_FLEX_AUTOTUNE=1 (the A/B `flex --autotune` times) reaches torch.compile; unset, torch's
+    fixed choice."""
+    from helpers.gpu import fast_blend as fb
+
+    seen = []
+    monkeypatch.setattr(fb.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    for value, mode in (("1", "max-autotune-no-cudagraphs"), ("", None)):
+        monkeypatch.setenv(fb.AUTOTUNE_ENV, value)
+        monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
+        fb.flex_attention_fn("cuda")
+        assert seen[-1] == {"dynamic": True, "mode": mode}
+    monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
 
 
 def test_device_step_script_parses_and_names_its_steps(tmp_path):

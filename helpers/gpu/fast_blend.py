@@ -50,6 +50,7 @@ GRAPHS_ENV = "KVBLEND_FAST_GRAPHS"  # "0": the layers past the check layer run e
 TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time per phase
 LOOKUP_ENV = "KVBLEND_FAST_LOOKUP"  # "0": LMCache's own lookup, per-layer pins and all (an A/B)
 FLEX_ENV = "KVBLEND_FLEX_OPTIONS"  # JSON: FlexAttention kernel options (BLOCK_N, num_warps...)
+AUTOTUNE_ENV = "KVBLEND_FLEX_AUTOTUNE"  # "1": Triton autotunes FlexAttention at its first call (an A/B)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store
@@ -255,12 +256,16 @@ def flex_options(environ=None) -> dict:
 
 def flex_attention_fn(device_type: str):
     """FlexAttention compiled into one fused block-sparse kernel on the GPU (once, any length);
-    its eager reference elsewhere (the CPU tests)."""
+    its eager reference elsewhere (the CPU tests). KVBLEND_FLEX_AUTOTUNE=1 lets Triton try its
+    tilings on the first call (minutes, once) instead of torch's fixed choice for this GPU."""
     if device_type not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX[device_type] = torch.compile(flex_attention, dynamic=True) if device_type == "cuda" \
-            else flex_attention
+        if device_type == "cuda":
+            mode = "max-autotune-no-cudagraphs" if os.environ.get(AUTOTUNE_ENV) == "1" else None
+            _FLEX[device_type] = torch.compile(flex_attention, dynamic=True, mode=mode)
+        else:
+            _FLEX[device_type] = flex_attention
     return _FLEX[device_type]
 
 
