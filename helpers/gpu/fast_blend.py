@@ -256,8 +256,9 @@ def flex_options(environ=None) -> dict:
 
 def flex_attention_fn(device_type: str):
     """FlexAttention compiled into one fused block-sparse kernel on the GPU (once, any length);
-    its eager reference elsewhere (the CPU tests). KVBLEND_FLEX_AUTOTUNE=1 lets Triton try its
-    tilings on the first call (minutes, once) instead of torch's fixed choice for this GPU."""
+    its eager reference elsewhere (the CPU tests). KVBLEND_FLEX_AUTOTUNE=1 lets Triton time 7 tilings
+    at the first calls (about 15 s each compile) instead of torch's fixed choice for this GPU: no
+    gain on an H100 (session 11, docs/gpu.md), an A/B for other GPUs."""
     if device_type not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
