@@ -396,8 +396,8 @@ def test_flex_options_come_from_json_and_a_bad_value_says_what_is_expected():
 
 def test_flex_attention_gets_head_major_copies_and_the_masked_answer(monkeypatch):
     """The layout the gpu tier validated: FlexAttention's inputs are contiguous [1, heads, tokens, d]
-    copies, also when the tail passes views of wider rows (session 9's views, 1.6x slower on an H100
-    for such rows, are not back until `gpu_validate.py flex` says they win)."""
+    copies, also when the tail passes views of wider rows (views lost at 32K keys on session 11's
+    H100s, copy included)."""
     seen = []
     flex = fb.flex_attention_fn("cpu")
 

@@ -275,10 +275,8 @@ def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = No
 
     FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
     for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] copies:
-    the layout the `gpu` tier validated. Session 9 passed token-major views instead; on session 10's
-    H100 the kernel took 1.6x as long on views whose rows hold K and V side by side as on plain
-    token-major K/V, and views against these copies is not yet measured (`gpu_validate.py flex`
-    times both), so the copies stay.
+    the layout the `gpu` tier validated. Views without the copies (session 9's way) were 4.5-11%
+    slower at 32K keys on H100s, copy included (`gpu_validate.py flex`, session 11, docs/gpu.md).
     `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should FlexAttention
     fail, the same exact mask through SDPA (slower, logged once)."""
     qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
