@@ -42,11 +42,13 @@ sys.path.insert(0, str(ROOT))
 from helpers import engines as eng  # noqa: E402
 from helpers import runtime  # noqa: E402
 from helpers.gpu import launch as gpu  # noqa: E402
-from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, TIMING_ENV  # noqa: E402
+from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, PREFIX_ENV, TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
-# the fast path with one of its parts off, to A/B in one run: its CUDA graphs, its store-first lookup
-AB_PATHS = {"fast-eager": {GRAPHS_ENV: "0"}, "fast-lmlookup": {LOOKUP_ENV: "0"}}
+# the fast path with one of its parts changed, to A/B in one run: its CUDA graphs off, LMCache's lookup,
+# FlashAttention for each q-block's prefix keys (as one page; in pages of 16)
+AB_PATHS = {"fast-eager": {GRAPHS_ENV: "0"}, "fast-lmlookup": {LOOKUP_ENV: "0"},
+            "fast-flash": {PREFIX_ENV: "flash"}, "fast-flash16": {PREFIX_ENV: "flash16"}}
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 SHAPES = {
     # mistralai/Mistral-7B-Instruct-v0.2's config.json, with SmolLM2's vocabulary
@@ -185,7 +187,9 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
     tail's way (attend_selected: head-major copies, then FlexAttention) with each of FLEX_VARIANTS'
     kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
-    session 9 had it). `best`: the fastest exact options over the 8K and 32K shapes (what
+    session 9 had it), and split (`flash_ms`, `flash16_ms`: FlashAttention for each q-block's prefix
+    keys, FlexAttention for the rest; `flash_speedup` over the tail's way). `best`: the fastest exact
+    options over the 8K and 32K shapes (what
     KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and `gather` (gather_check's sizes and rows) let
     tests/test_gpu_backend.py run it small on the CPU before the device does; `variants`, fewer option
     sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute);
@@ -204,7 +208,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
 
     res, dev, scale = {"variants": [json.dumps(o) for o in variants]}, device, 128 ** -0.5
     names = [f"{n_keys}x{n_sel}" for n_keys, n_sel in shapes]
-    cases = []
+    cases, sel_of = [], {}
     torch._dynamo.reset()
     for name, (n_keys, n_sel) in zip(names, shapes, strict=True):
         torch.manual_seed(0)
@@ -224,6 +228,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
                      "views_ms": gpu_ms(views, *args),
                      "views_err": float((views(*args).float() - ref.float()).abs().max())}
         cases.append((name, args, ref))
+        sel_of[name] = sel
     totals = [0.0] * len(variants)
     for i, options in enumerate(variants):
         torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
@@ -236,8 +241,20 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
             res[name][f"variant_{i}_ms"], res[name][f"variant_{i}_err"] = ms, err
             if name != names[0]:
                 totals[i] += ms if err < 0.05 else float("inf")
-    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in names for v in ("variant_0", "views"))
+    torch._dynamo.reset()
+    for name, (q, k, v, _, scale), ref in cases:  # FlashAttention for each q-block's prefix keys
+        for split, page in (("flash", fb.ONE_PAGE), ("flash16", 16)):
+            fb._FLEX.pop("warned", None)
+            args = (q, k, v, fb.exact_causal_mask(sel_of[name], k.shape[0], page), scale, {})
+            err = float((fb.attend_selected(*args).float() - ref.float()).abs().max())
+            ms = gpu_ms(fb.attend_selected, *args)
+            if fb._FLEX.get("warned"):  # FlashAttention or FlexAttention failed: SDPA answered
+                err, ms = float("inf"), float("inf")
+            res[name][f"{split}_ms"], res[name][f"{split}_err"] = ms, err
+    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in names for v in ("variant_0", "views", "flash"))
     res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in names[1:]) / totals[0], 3)
+    for split in ("flash", "flash16"):  # > 1: the split beats FlexAttention alone (torch's options)
+        res[f"{split}_speedup"] = round(totals[0] / sum(res[s][f"{split}_ms"] for s in names[1:]), 3)
     if autotune:  # the tail's way once more, compiled anew with Triton's autotuning
         fb._FLEX.pop(device, None)
         torch._dynamo.reset()
@@ -625,7 +642,8 @@ def main(argv=None) -> int:
                    "a list (1,4) measures each size with each")
     d.add_argument("--paths", default="fast,fixed,upstream",
                    help="blend paths, one engine each; fast-eager: the fast path without CUDA graphs; "
-                        "fast-lmlookup: with LMCache's own lookup")
+                        "fast-lmlookup: with LMCache's own lookup; fast-flash, fast-flash16: with "
+                        "FlashAttention for each q-block's prefix keys (one page; pages of 16)")
     d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
     d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")

@@ -376,6 +376,54 @@ def test_exact_mask_attention_matches_causal_rows():
     close(out, causal(q, k, v)[picked])
 
 
+@pytest.mark.parametrize("page", [fb.ONE_PAGE, 16])
+def test_split_attention_matches_causal_rows(page):
+    """KVBLEND_PREFIX_ATTENTION=flash(16): each q-block's prefix keys apart (FlashAttention on the
+    GPU, its plain-PyTorch twin here), the rest through FlexAttention, merged by log-sum-exp: the
+    same rows as the one exact mask, also for a q-block with no prefix; refilled in place for new
+    positions (as a CUDA graph replays it), the mask equals a new one."""
+    torch.manual_seed(2)
+    n = 700
+    q, k, v = (torch.randn(n, h, D, dtype=DTYPE) for h in (HEADS, KV_HEADS, KV_HEADS))
+    picked = torch.sort(torch.randperm(n)[:256]).values
+    mask = fb.exact_causal_mask(picked, n, page)
+    assert mask.prefix[0] == 0 < mask.prefix[1] and mask.cu_q.tolist() == [0, 128, 256]
+    assert mask.page == (16 if page == 16 else 688)
+    close(fb.attend_selected(q[picked], k, v, mask, D ** -0.5), causal(q, k, v)[picked])
+    other = torch.sort(torch.randperm(n)[:256]).values
+    picked.copy_(other)  # as Tail.fill: the positions in place, then the mask
+    fb.refill_mask(mask, picked, n)
+    fresh = fb.exact_causal_mask(other, n, page)
+    assert torch.equal(mask.prefix, fresh.prefix)
+    assert torch.equal(mask.diagonal.kv_indices, fresh.diagonal.kv_indices)
+    close(fb.attend_selected(q[other], k, v, mask, D ** -0.5), causal(q, k, v)[other])
+
+
+def test_prefix_attention_is_chosen_by_name_and_a_bad_name_says_which_exist():
+    assert fb.prefix_split({}) == 0 and fb.prefix_split({fb.PREFIX_ENV: "flash16"}) == 16
+    assert fb.prefix_split({fb.PREFIX_ENV: " Flash "}) == fb.ONE_PAGE
+    with pytest.raises(ValueError, match="flex, flash, flash16"):
+        fb.prefix_split({fb.PREFIX_ENV: "fa3"})
+
+
+@pytest.mark.parametrize("name", ["flash", "flash16"])
+def test_split_attention_blends_long_prompts_as_a_full_prefill(monkeypatch, name):
+    """The fast path with KVBLEND_PREFIX_ATTENTION set, on prompts of several q-blocks (chunks moved,
+    ratio 1.0, one prompt bucketed and one run unbucketed): still a full prefill."""
+    monkeypatch.setenv(fb.PREFIX_ENV, name)
+    model, host = make_model(), Host()
+    long_a, long_b = CHUNK_A * 12, CHUNK_B * 15  # 204 and 165 tokens
+    precompute(model, host, SYS + list(SEP) + long_a)
+    precompute(model, host, SYS + list(SEP) + long_b)
+    ids = SYS + list(SEP) + long_b + list(SEP) + long_a + list(SEP) + QUESTION
+    want_k, want_v = full_prefill(model, ids)
+    for graph_max in (fb.GRAPH_MAX_TOKENS, 10):
+        monkeypatch.setattr(fb, "GRAPH_MAX_TOKENS", graph_max)
+        k, v = run_fast(model, host, ids, 1.0, store(tokens=512))
+        close(k, want_k)
+        close(v, want_v)
+
+
 def test_store_that_does_not_fit_says_what_to_change():
     fb.check_store_fits(4, 0.4, 140e9, 15e9)  # 56 GB share, 15 GB model: fits
     with pytest.raises(RuntimeError, match="Lower --gpu-kv-store-gb .* or raise --gpu-memory-utilization"):

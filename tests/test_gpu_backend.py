@@ -451,14 +451,15 @@ def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
     import gpu_validate
 
-    res = gpu_validate.flex_check(tmp_path / "flex.json", device="cpu", shapes=((40, 3), (96, 15), (160, 24)),
+    shapes = ((40, 3), (96, 15), (700, 256))  # the last: two q-blocks, the second with a prefix
+    res = gpu_validate.flex_check(tmp_path / "flex.json", device="cpu", shapes=shapes,
                                   gather={"sizes": (64, 128), "rows": 400})
     assert res["ok"] and json.loads((tmp_path / "flex.json").read_text())["best"] == res["best"]
-    for shape in ("40x3", "96x15", "160x24"):
-        assert res[shape]["views_err"] < 0.05
+    for shape in ("40x3", "96x15", "700x256"):
+        assert all(res[shape][f"{way}_err"] < 0.05 for way in ("views", "flash", "flash16"))
         assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
     assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
-    assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1
+    assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1 and res["flash_speedup"] > 0
     quick = gpu_validate.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
                                     gather={"sizes": (64,), "rows": 100},
                                     variants=gpu_validate.FLEX_VARIANTS[:1], autotune=True)

@@ -39,6 +39,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time p
 LOOKUP_ENV = "KVBLEND_FAST_LOOKUP"  # "0": LMCache's own lookup, per-layer pins and all (an A/B)
 FLEX_ENV = "KVBLEND_FLEX_OPTIONS"  # JSON: FlexAttention kernel options (BLOCK_N, num_warps...)
 AUTOTUNE_ENV = "KVBLEND_FLEX_AUTOTUNE"  # "1": Triton autotunes FlexAttention at its first call (an A/B)
+PREFIX_ENV = "KVBLEND_PREFIX_ATTENTION"  # "flash": keys below each q-block through FlashAttention (SplitMask)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store
@@ -157,26 +159,57 @@ def exact_causal_blocks(positions: torch.Tensor, n_keys: int, block: int = BLOCK
     return shape(kv_num), shape(kv_idx), shape(full_num), shape(full_idx)
 
 
-def exact_causal_mask(positions: torch.Tensor, n_keys: int):
+class SplitMask(NamedTuple):
+    """Selected queries' attention in two parts, as vLLM's cascade attention splits a shared prefix
+    from the rest, but per q-block: the keys wholly below a q-block's first position are seen by
+    every row of it, so FlashAttention takes them unmasked (each q-block one varlen "sequence" over
+    its first `prefix` keys, read through the page `table`); FlexAttention takes the rest
+    (`diagonal`: the partial key blocks, exact causal mask); their log-sum-exps merge the two
+    (`merge_attention`). With scattered queries the prefix is nearly all of the work at 32K keys."""
+    diagonal: object  # a BlockMask without full blocks
+    cu_q: torch.Tensor  # int32 [q_blocks + 1]: where each q-block's rows start
+    prefix: torch.Tensor  # int32 [q_blocks]: keys 0..prefix-1, seen by all rows of the q-block
+    table: torch.Tensor  # int32 [q_blocks, pages]: the keys in pages of `page` rows
+    page: int
+
+
+def exact_causal_mask(positions: torch.Tensor, n_keys: int, split: int = 0):
     """A FlexAttention BlockMask: query i (the token at positions[i]) sees keys 0..positions[i].
     Built from block lists computed on the device: no n x N mask, no host sync. When there are a
     whole number of q-blocks, the mask reads `positions` itself: refill it (and `refill_mask`) and
-    the same mask serves new positions, as a CUDA graph needs."""
+    the same mask serves new positions, as a CUDA graph needs. `split` > 0: a SplitMask instead,
+    its prefix keys in pages of 16 rows (`split` 16, vLLM's own page size) or as one page (any other)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     pad = -(-positions.numel() // BLOCK) * BLOCK - positions.numel()  # last q-block's rows past n
     padded = torch.cat([positions, positions[-1:].expand(pad)]) if pad else positions
 
+    kv_num, kv_idx, full_num, full_idx = exact_causal_blocks(positions, n_keys)
+    prefix = (full_num[0, 0] * BLOCK).to(torch.int32)  # a split's: keys below each q-block's full blocks' end
+
     def sees(b, h, q_idx, kv_idx):
         return kv_idx <= padded[q_idx]
 
-    lists = exact_causal_blocks(positions, n_keys)
+    def sees_past_prefix(b, h, q_idx, kv_idx):  # the block lists say as much; torch's eager path reads this
+        return (kv_idx <= padded[q_idx]) & (kv_idx >= prefix[q_idx // BLOCK])
+
+    lists = (kv_num, kv_idx, None, None) if split else (kv_num, kv_idx, full_num, full_idx)
     for extra in ({"seq_lengths": (positions.numel(), n_keys)}, {}):  # newest torch first
         try:
-            return BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=sees, **extra)
+            mask = BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=BLOCK, mask_mod=sees_past_prefix if split
+                                            else sees, **extra)
+            break
         except TypeError:
             continue
-    raise RuntimeError("torch's BlockMask.from_kv_blocks takes none of the known signatures")
+    else:
+        raise RuntimeError("torch's BlockMask.from_kv_blocks takes none of the known signatures")
+    if not split:
+        return mask
+    n, page = positions.numel(), 16 if split == 16 else n_keys // 16 * 16
+    cu_q = (torch.arange(full_num.shape[-1] + 1, device=positions.device) * BLOCK).clamp(max=n)
+    table = torch.arange(n_keys // page, dtype=torch.int32, device=positions.device)
+    table = table[None].expand(full_num.shape[-1], -1).contiguous()  # every q-block: the same pages
+    return SplitMask(mask, cu_q.to(torch.int32), prefix, table, page)
 
 
 MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -184,8 +217,13 @@ MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_in
 
 
 def refill_mask(mask, positions: torch.Tensor, n_keys: int) -> None:
-    """Rewrite `mask`'s block lists in place for new `positions` (same shapes)."""
-    new = exact_causal_mask(positions, n_keys)
+    """Rewrite `mask`'s block lists (and a SplitMask's prefix lengths) in place for new `positions`
+    (same shapes)."""
+    split = isinstance(mask, SplitMask)
+    new = exact_causal_mask(positions, n_keys, mask.page if split else 0)
+    if split:
+        mask.prefix.copy_(new.prefix)
+        mask, new = mask.diagonal, new.diagonal
     for name in MASK_TENSORS:
         old = getattr(mask, name, None)
         if old is not None:
@@ -207,7 +245,7 @@ class Tail:
     key), their K/V go to a spare row past the prompt (never attended to, its slot -1: vLLM's cache
     op skips it); padded token rows gather store row 0 at position 0, never attended to either."""
 
-    def __init__(self, n_pad: int, n_keys: int, hidden_size: int, dtype, device):
+    def __init__(self, n_pad: int, n_keys: int, hidden_size: int, dtype, device, split: int = 0):
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
@@ -218,6 +256,7 @@ class Tail:
         self.index, self.old_positions, self.new_positions = zeros(n_keys), zeros(n_keys), zeros(n_keys)
         self.slots = torch.full((n_keys,), -1, dtype=torch.long, device=device)
         self.block_mask = self.graph = None
+        self.split = split  # exact_causal_mask's
 
     def fill(self, hidden, residual, selected, index, old_positions, slot_mapping) -> None:
         n_all, p = index.numel(), self.n_pad - selected.numel()  # p padded query rows, first
@@ -231,12 +270,24 @@ class Tail:
         self.new_positions[n_all:] = 0
         self.slots[:n_all], self.slots[n_all:] = slot_mapping, -1
         if self.block_mask is None:
-            self.block_mask = exact_causal_mask(self.positions, self.n_keys)
+            self.block_mask = exact_causal_mask(self.positions, self.n_keys, self.split)
         else:
             refill_mask(self.block_mask, self.positions, self.n_keys)
 
 
 _FLEX = {}
+ONE_PAGE = 1 << 40  # SplitMask's page size for "the keys as one page"
+PREFIX_PAGES = {"flex": 0, "flash": ONE_PAGE, "flash16": 16}  # KVBLEND_PREFIX_ATTENTION -> split
+
+
+def prefix_split(environ=None) -> int:
+    """exact_causal_mask's `split` from KVBLEND_PREFIX_ATTENTION: `flex` (default: FlexAttention for
+    all keys), `flash` (each q-block's prefix through FlashAttention, the keys as one page) or
+    `flash16` (the same in pages of 16 rows)."""
+    value = (os.environ if environ is None else environ).get(PREFIX_ENV, "flex").strip().lower()
+    if value not in PREFIX_PAGES:
+        raise ValueError(f"{PREFIX_ENV} must be one of {', '.join(PREFIX_PAGES)}, got {value!r}")
+    return PREFIX_PAGES[value]
 
 
 def flex_options(environ=None) -> dict:
@@ -270,15 +321,18 @@ def flex_attention_fn(device_type: str):
     return _FLEX[device_type]
 
 
-def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = None) -> torch.Tensor:
+def attend_selected(q, k, v, mask, scale: float, options: dict | None = None) -> torch.Tensor:
     """q [n, heads, d] (tokens at the mask's positions), k/v [N, kv_heads, d] -> [n, heads, d].
 
     FlexAttention's main kernel, also for few queries (its decoding kernel finds no configuration
     for these shapes on H200: "NoValidChoicesError"), on contiguous [1, heads, tokens, d] copies:
     the layout the `gpu` tier validated. Views without the copies (session 9's way) were 4.5-11%
     slower at 32K keys on H100s, copy included (`gpu_validate.py flex`, session 11, docs/gpu.md).
-    `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should FlexAttention
-    fail, the same exact mask through SDPA (slower, logged once)."""
+    `mask`: a BlockMask, or a SplitMask (FlashAttention for each q-block's prefix, FlexAttention
+    for the rest). `options`: kernel options (default: KVBLEND_FLEX_OPTIONS's, on the GPU). Should
+    either kernel fail, the same exact mask through SDPA (slower, logged once)."""
+    split = isinstance(mask, SplitMask)
+    block_mask = mask.diagonal if split else mask
     qt, kt, vt = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if options is None:
@@ -287,16 +341,74 @@ def attend_selected(q, k, v, block_mask, scale: float, options: dict | None = No
         options = _FLEX["options"] if q.device.type == "cuda" else {}
     try:
         out = flex_attention_fn(q.device.type)(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                                               kernel_options={"FORCE_USE_FLEX_ATTENTION": True, **options})
+                                               kernel_options={"FORCE_USE_FLEX_ATTENTION": True, **options},
+                                               **(lse_request() if split else {}))
+        if split:
+            (out, lse), (head, head_lse) = out, attend_prefix(q, k, v, mask, scale)
+            lse = getattr(lse, "lse", lse)  # AuxOutput, or the tensor itself (older torch)
+            return merge_attention(head, head_lse, out[0].transpose(0, 1), lse[0])
     except Exception as err:
         if not _FLEX.get("warned"):
             _FLEX["warned"] = True
             log.exception("FlexAttention failed (%s): selected tokens attend through SDPA", err)
         rows, cols = torch.arange(q.shape[0], device=q.device), torch.arange(k.shape[0], device=q.device)
-        mask = block_mask.mask_mod(0, 0, rows[:, None], cols[None, :])
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[None, None], scale=scale,
+        dense = block_mask.mask_mod(0, 0, rows[:, None], cols[None, :])
+        if split:  # and the prefix: the whole causal mask
+            dense |= cols[None, :] < mask.prefix[rows // BLOCK, None]
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=dense[None, None], scale=scale,
                                              enable_gqa=gqa)
     return out[0].transpose(0, 1)
+
+
+def lse_request() -> dict:
+    """flex_attention's argument asking for the log-sum-exp too, in this torch's words."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+def attend_prefix(q, k, v, mask: SplitMask, scale: float):
+    """Each q-block's rows over keys 0..prefix-1, unmasked: (out [n, heads, d], lse [heads, n]; a
+    q-block without prefix gets lse -inf). On the GPU vLLM's FlashAttention (varlen, paged, as its
+    prefill reads vLLM's cache); else the same sums in plain PyTorch (the CPU tests)."""
+    kv_heads, d, rows = k.shape[1], k.shape[2], mask.table.shape[1] * mask.page
+    if q.device.type == "cuda":
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        if "fa" not in _FLEX:
+            _FLEX["fa"] = flash_version()
+        k_pages, v_pages = (t[:rows].contiguous().view(-1, mask.page, kv_heads, d) for t in (k, v))
+        return flash_attn_varlen_func(q, k_pages, v_pages, max_seqlen_q=BLOCK, cu_seqlens_q=mask.cu_q,
+                                      max_seqlen_k=rows, seqused_k=mask.prefix, block_table=mask.table,
+                                      softmax_scale=scale, causal=False, return_softmax_lse=True,
+                                      num_splits=1, fa_version=_FLEX["fa"])
+    group, wide = q.shape[1] // kv_heads, torch.promote_types(q.dtype, torch.float32)
+    rows_block = torch.arange(q.shape[0], device=q.device) // BLOCK
+    sees = torch.arange(k.shape[0], device=q.device) < mask.prefix[rows_block, None]
+    scores = torch.einsum("nhd,khd->hnk", q.to(wide), k.to(wide).repeat_interleave(group, 1)) * scale
+    lse = torch.logsumexp(scores.masked_fill(~sees, -math.inf), dim=-1)
+    weights = torch.exp(scores - lse[..., None]).masked_fill(~sees, 0)
+    out = torch.einsum("hnk,khd->nhd", weights, v.to(wide).repeat_interleave(group, 1))
+    return out.to(q.dtype), lse
+
+
+def flash_version() -> int:
+    """vLLM's FlashAttention version for this GPU (3 on Hopper), as its attention backend picks it."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version() or 2
+
+
+def merge_attention(a, lse_a, b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets -> over their union: each part weighted by its share of
+    the softmax mass, exp(lse_part - lse_all). a/b [n, heads, d], lse [heads, n]."""
+    wide = torch.promote_types(b.dtype, torch.float32)
+    lse_a, lse_b = lse_a.to(wide), lse_b.to(wide)
+    lse = torch.logaddexp(lse_a, lse_b)
+    wa, wb = (torch.exp(part - lse).transpose(0, 1)[..., None] for part in (lse_a, lse_b))
+    return (torch.where(wa > 0, a.to(wide) * wa, 0) + b.to(wide) * wb).to(b.dtype)
 
 
 def embed(model, ids):
@@ -342,6 +454,7 @@ class FastBlender:
         self.tails: OrderedDict = OrderedDict()  # bucket -> Tail
         self.graphs = self.store.kv.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
         self.pool = self.clock = None
+        self.split = prefix_split()  # SplitMask's pages, or 0: FlexAttention alone
 
     # -------------------------------------------------------------- the chunks
     def segments(self, tokens, mask):
@@ -440,7 +553,7 @@ class FastBlender:
                     (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
                 selected = select_tokens(fresh, old, gaps, self.ratio)
                 q, residual = q[selected], residual[selected]
-                mask = exact_causal_mask(selected, n_all)
+                mask = exact_causal_mask(selected, n_all, self.split)
                 out = attend_selected(q, keys, values, mask, attn.attn.impl.scale)
             hidden, _ = attn.o_proj(out.reshape(q.shape[0], heads * d))
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
@@ -493,11 +606,12 @@ class FastBlender:
         """The bucket's Tail (made when new; least recently used ones dropped past MAX_TAILS), or
         else a Tail of this prompt's size (padded to whole q-blocks only), not kept."""
         if not bucketed:
-            return Tail(-(-n // BLOCK) * BLOCK, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device)
+            n_pad = -(-n // BLOCK) * BLOCK
+            return Tail(n_pad, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device, self.split)
         key = (bucket(n), bucket(n_all + 1), kvcaches[0].data_ptr())  # +1: a spare row for padding
         tail = self.tails.pop(key, None)
         if tail is None:
-            tail = Tail(key[0], key[1], hidden.shape[-1], hidden.dtype, hidden.device)
+            tail = Tail(key[0], key[1], hidden.shape[-1], hidden.dtype, hidden.device, self.split)
             while len(self.tails) >= MAX_TAILS:
                 self.tails.pop(next(iter(self.tails)))
         self.tails[key] = tail
