@@ -189,8 +189,8 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
     session 9 had it), and split (`flash_ms`, `flash16_ms`: FlashAttention for each q-block's prefix
     keys, FlexAttention for the rest; `flash_speedup` over the tail's way). `best`: the fastest exact
-    options over the 8K and 32K shapes (what
-    KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and `gather` (gather_check's sizes and rows) let
+    options over the 8K and 32K shapes (what KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and
+    `gather` (gather_check's sizes and rows) let
     tests/test_gpu_backend.py run it small on the CPU before the device does; `variants`, fewer option
     sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute);
     `autotune`, also the tail's way compiled with Triton's autotuning (KVBLEND_FLEX_AUTOTUNE=1:
