@@ -15,7 +15,9 @@ again. `FastBlender.blend` does the same algorithm, with issue 9's fixes, as one
                                fresh K (or V) deviates most; every token keeps its fresh K/V
         past it:               only the selected tokens are computed; they overwrite their rows
         K/V of all tokens -> vLLM's paged cache (vLLM's own `reshape_and_cache_flash`)
-        attention (all queries: FlashAttention; selected ones: FlexAttention, exact causal mask)
+        attention (all queries: FlashAttention; selected ones: FlexAttention, exact causal mask;
+                   KVBLEND_PREFIX_ATTENTION=flash: FlashAttention for the keys below each block of
+                   selected queries, FlexAttention for the rest, merged: `SplitMask`)
         -> o_proj -> norm -> MLP             (skipped at the last layer: only its K/V are used)
 
 No device-wide sync, no host sync, no per-chunk work inside the layer loop. The layers past the
