@@ -46,9 +46,11 @@ from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, PREFIX_ENV, TIMING_EN
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
 
 # the fast path with one of its parts changed, to A/B in one run: its CUDA graphs off, LMCache's lookup,
-# FlashAttention for each q-block's prefix keys (as one page; in pages of 16)
+# FlexAttention alone, FlashAttention for each q-block's prefix keys at every length (as one page; in
+# pages of 16)
 AB_PATHS = {"fast-eager": {GRAPHS_ENV: "0"}, "fast-lmlookup": {LOOKUP_ENV: "0"},
-            "fast-flash": {PREFIX_ENV: "flash"}, "fast-flash16": {PREFIX_ENV: "flash16"}}
+            "fast-flex": {PREFIX_ENV: "flex"}, "fast-flash": {PREFIX_ENV: "flash"},
+            "fast-flash16": {PREFIX_ENV: "flash16"}}
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 SHAPES = {
     # mistralai/Mistral-7B-Instruct-v0.2's config.json, with SmolLM2's vocabulary
@@ -642,8 +644,9 @@ def main(argv=None) -> int:
                    "a list (1,4) measures each size with each")
     d.add_argument("--paths", default="fast,fixed,upstream",
                    help="blend paths, one engine each; fast-eager: the fast path without CUDA graphs; "
-                        "fast-lmlookup: with LMCache's own lookup; fast-flash, fast-flash16: with "
-                        "FlashAttention for each q-block's prefix keys (one page; pages of 16)")
+                        "fast-lmlookup: with LMCache's own lookup; fast-flex: FlexAttention alone; "
+                        "fast-flash, fast-flash16: FlashAttention for each q-block's prefix keys at "
+                        "every length (one page; pages of 16)")
     d.add_argument("--one-at-a-time", action="store_true", help="for models too big to share the GPU")
     d.add_argument("--store-gb", type=float, default=8.0, help="the fast path's GPU chunk store")
     d.add_argument("--profile", type=int, default=0, help="profile one request of this size per engine")

@@ -400,17 +400,23 @@ def test_split_attention_matches_causal_rows(page):
 
 
 def test_prefix_attention_is_chosen_by_name_and_a_bad_name_says_which_exist():
-    assert fb.prefix_split({}) == 0 and fb.prefix_split({fb.PREFIX_ENV: "flash16"}) == 16
-    assert fb.prefix_split({fb.PREFIX_ENV: " Flash "}) == fb.ONE_PAGE
-    with pytest.raises(ValueError, match="flex, flash, flash16"):
+    assert fb.prefix_split({}) == (fb.ONE_PAGE, fb.SPLIT_MIN_KEYS)  # auto: long prompts only
+    assert fb.prefix_split({fb.PREFIX_ENV: "flex"}) == (0, 0)
+    assert fb.prefix_split({fb.PREFIX_ENV: "flash16"}) == (16, 0)
+    assert fb.prefix_split({fb.PREFIX_ENV: " Flash "}) == (fb.ONE_PAGE, 0)
+    with pytest.raises(ValueError, match="auto, flex, flash, flash16"):
         fb.prefix_split({fb.PREFIX_ENV: "fa3"})
 
 
-@pytest.mark.parametrize("name", ["flash", "flash16"])
+@pytest.mark.parametrize("name", ["flash", "flash16", "auto"])
 def test_split_attention_blends_long_prompts_as_a_full_prefill(monkeypatch, name):
     """The fast path with KVBLEND_PREFIX_ATTENTION set, on prompts of several q-blocks (chunks moved,
-    ratio 1.0, one prompt bucketed and one run unbucketed): still a full prefill."""
+    ratio 1.0, one prompt bucketed and one run unbucketed): still a full prefill, and the prefix did
+    go through attend_prefix (`auto` from 300 keys here, so that this prompt is long enough)."""
     monkeypatch.setenv(fb.PREFIX_ENV, name)
+    monkeypatch.setitem(fb.PREFIX_CHOICES, "auto", (fb.ONE_PAGE, 300))
+    calls, attend_prefix = [], fb.attend_prefix
+    monkeypatch.setattr(fb, "attend_prefix", lambda *a: calls.append(1) or attend_prefix(*a))
     model, host = make_model(), Host()
     long_a, long_b = CHUNK_A * 12, CHUNK_B * 15  # 204 and 165 tokens
     precompute(model, host, SYS + list(SEP) + long_a)
@@ -422,6 +428,7 @@ def test_split_attention_blends_long_prompts_as_a_full_prefill(monkeypatch, name
         k, v = run_fast(model, host, ids, 1.0, store(tokens=512))
         close(k, want_k)
         close(v, want_v)
+    assert calls
 
 
 def test_store_that_does_not_fit_says_what_to_change():

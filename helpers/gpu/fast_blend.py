@@ -54,7 +54,7 @@ TIMING_ENV = "KVBLEND_FAST_TIMING"  # "1": log each prompt's host and GPU time p
 LOOKUP_ENV = "KVBLEND_FAST_LOOKUP"  # "0": LMCache's own lookup, per-layer pins and all (an A/B)
 FLEX_ENV = "KVBLEND_FLEX_OPTIONS"  # JSON: FlexAttention kernel options (BLOCK_N, num_warps...)
 AUTOTUNE_ENV = "KVBLEND_FLEX_AUTOTUNE"  # "1": Triton autotunes FlexAttention at its first call (an A/B)
-PREFIX_ENV = "KVBLEND_PREFIX_ATTENTION"  # "flash": keys below each q-block through FlashAttention (SplitMask)
+PREFIX_ENV = "KVBLEND_PREFIX_ATTENTION"  # auto|flex|flash|flash16: keys below each q-block (SplitMask)
 MAX_TAILS = 12  # buckets kept (their buffers and graphs), least recently used out first
 GRAPH_MAX_TOKENS = 12288  # longer prompts are GPU-bound: their tail runs eagerly, barely padded
 PAGE = 16  # tokens per page of the chunk store
@@ -279,17 +279,22 @@ class Tail:
 
 _FLEX = {}
 ONE_PAGE = 1 << 40  # SplitMask's page size for "the keys as one page"
-PREFIX_PAGES = {"flex": 0, "flash": ONE_PAGE, "flash16": 16}  # KVBLEND_PREFIX_ATTENTION -> split
+SPLIT_MIN_KEYS = 16384  # `auto` splits from here: per layer on an H100 (session 13) the split took
+# 3.24 against 4.12 ms at 32K keys, 0.54 against 0.48 ms at 8K; a whole 7B request, 3.72x against 3.44x
+# at 32K, 3.26x against 3.20x at 16K, the same at 8K
+PREFIX_CHOICES = {"auto": (ONE_PAGE, SPLIT_MIN_KEYS), "flex": (0, 0), "flash": (ONE_PAGE, 0),
+                  "flash16": (16, 0)}  # KVBLEND_PREFIX_ATTENTION -> (split, from how many keys)
 
 
-def prefix_split(environ=None) -> int:
-    """exact_causal_mask's `split` from KVBLEND_PREFIX_ATTENTION: `flex` (default: FlexAttention for
-    all keys), `flash` (each q-block's prefix through FlashAttention, the keys as one page) or
-    `flash16` (the same in pages of 16 rows)."""
-    value = (os.environ if environ is None else environ).get(PREFIX_ENV, "flex").strip().lower()
-    if value not in PREFIX_PAGES:
-        raise ValueError(f"{PREFIX_ENV} must be one of {', '.join(PREFIX_PAGES)}, got {value!r}")
-    return PREFIX_PAGES[value]
+def prefix_split(environ=None) -> tuple[int, int]:
+    """(exact_causal_mask's `split`, the fewest keys it is used for) from KVBLEND_PREFIX_ATTENTION:
+    `auto` (default: FlashAttention for each q-block's prefix from SPLIT_MIN_KEYS keys up, where it
+    is faster), `flex` (FlexAttention for all keys), `flash` (the split at every length, the keys as
+    one page) or `flash16` (the same in pages of 16 rows)."""
+    value = (os.environ if environ is None else environ).get(PREFIX_ENV, "auto").strip().lower()
+    if value not in PREFIX_CHOICES:
+        raise ValueError(f"{PREFIX_ENV} must be one of {', '.join(PREFIX_CHOICES)}, got {value!r}")
+    return PREFIX_CHOICES[value]
 
 
 def flex_options(environ=None) -> dict:
@@ -456,7 +461,7 @@ class FastBlender:
         self.tails: OrderedDict = OrderedDict()  # bucket -> Tail
         self.graphs = self.store.kv.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
         self.pool = self.clock = None
-        self.split = prefix_split()  # SplitMask's pages, or 0: FlexAttention alone
+        self.split, self.split_from = prefix_split()  # SplitMask's pages (0: none), from how many keys
 
     # -------------------------------------------------------------- the chunks
     def segments(self, tokens, mask):
@@ -555,7 +560,7 @@ class FastBlender:
                     (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
                 selected = select_tokens(fresh, old, gaps, self.ratio)
                 q, residual = q[selected], residual[selected]
-                mask = exact_causal_mask(selected, n_all, self.split)
+                mask = exact_causal_mask(selected, n_all, self.split_for(n_all))
                 out = attend_selected(q, keys, values, mask, attn.attn.impl.scale)
             hidden, _ = attn.o_proj(out.reshape(q.shape[0], heads * d))
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
@@ -604,16 +609,22 @@ class FastBlender:
             hidden = layer.mlp(hidden)
 
     # -------------------------------------------------------------- buckets and CUDA graphs
+    def split_for(self, n_keys: int) -> int:
+        """exact_causal_mask's `split` for a prompt of n_keys tokens (KVBLEND_PREFIX_ATTENTION)."""
+        return self.split if n_keys >= self.split_from else 0
+
     def _tail_for(self, n: int, n_all: int, hidden, kvcaches, bucketed: bool = True) -> Tail:
         """The bucket's Tail (made when new; least recently used ones dropped past MAX_TAILS), or
         else a Tail of this prompt's size (padded to whole q-blocks only), not kept."""
         if not bucketed:
             n_pad = -(-n // BLOCK) * BLOCK
-            return Tail(n_pad, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device, self.split)
+            split = self.split_for(n_all + 1)
+            return Tail(n_pad, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device, split)
         key = (bucket(n), bucket(n_all + 1), kvcaches[0].data_ptr())  # +1: a spare row for padding
         tail = self.tails.pop(key, None)
         if tail is None:
-            tail = Tail(key[0], key[1], hidden.shape[-1], hidden.dtype, hidden.device, self.split)
+            split = self.split_for(key[1])  # one choice per bucket
+            tail = Tail(key[0], key[1], hidden.shape[-1], hidden.dtype, hidden.device, split)
             while len(self.tails) >= MAX_TAILS:
                 self.tails.pop(next(iter(self.tails)))
         self.tails[key] = tail

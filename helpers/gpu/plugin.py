@@ -331,8 +331,10 @@ def _make_fast_store(worker, model) -> None:
     options = fb.flex_options()  # a bad KVBLEND_FLEX_OPTIONS stops the engine here, with its message
     if options:
         log.info("fast blend path: FlexAttention kernel options %s", options)
-    if fb.prefix_split():  # a bad KVBLEND_PREFIX_ATTENTION stops it here too
-        log.info("fast blend path: each q-block's prefix keys through FlashAttention (%s)", fb.PREFIX_ENV)
+    split, split_from = fb.prefix_split()  # a bad KVBLEND_PREFIX_ATTENTION stops it here too
+    if split:
+        log.info("fast blend path: each q-block's prefix keys through FlashAttention from %d keys (%s)",
+                 split_from, fb.PREFIX_ENV)
     if gb <= 0:
         log.warning("fast blend path without a GPU chunk store (%s=0): prompts go through LMCache's "
                     "blender", fb.STORE_ENV)
