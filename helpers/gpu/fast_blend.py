@@ -281,7 +281,7 @@ _FLEX = {}
 ONE_PAGE = 1 << 40  # SplitMask's page size for "the keys as one page"
 SPLIT_MIN_KEYS = 16384  # `auto` splits from here: per layer on an H100 (session 13) the split took
 # 3.24 against 4.12 ms at 32K keys, 0.54 against 0.48 ms at 8K; a whole 7B request, 3.72x against 3.44x
-# at 32K, 3.26x against 3.20x at 16K, the same at 8K
+# at 32K on that H100 and 3.59x against 3.39x on an H200, 16K a tie on both, 8K the same on the H100
 PREFIX_CHOICES = {"auto": (ONE_PAGE, SPLIT_MIN_KEYS), "flex": (0, 0), "flash": (ONE_PAGE, 0),
                   "flash16": (16, 0)}  # KVBLEND_PREFIX_ATTENTION -> (split, from how many keys)
 
