@@ -618,7 +618,7 @@ class FastBlender:
         else a Tail of this prompt's size (padded to whole q-blocks only), not kept."""
         if not bucketed:
             n_pad = -(-n // BLOCK) * BLOCK
-            split = self.split_for(n_all + 1)
+            split = self.split_for(n_all)  # as the check layer chose
             return Tail(n_pad, n_all + 1, hidden.shape[-1], hidden.dtype, hidden.device, split)
         key = (bucket(n), bucket(n_all + 1), kvcaches[0].data_ptr())  # +1: a spare row for padding
         tail = self.tails.pop(key, None)
