@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call of a GPU device session (docs/gpu.md, Reproduce), so that each `run` is one short line.
 # Back to back on one warm machine, `carry` in brackets:
-#   [.gpu/p1, .gpu/wa]  bash scripts/device_step.sh unpack p1 a
-#   [.gpu/p2, .gpu/wb]  bash scripts/device_step.sh unpack p2 b
-#   [.gpu/wc]           bash scripts/device_step.sh part c
+#   [.gpu/p1]           bash scripts/device_step.sh unpack p1
+#   [.gpu/p2]           bash scripts/device_step.sh unpack p2
+#   [.gpu/wa] / [.gpu/wb] / [.gpu/wc]  bash scripts/device_step.sh part a / part b / part c
 #   [.gpu/wd]           bash scripts/device_step.sh tier     (joins SmolLM2's weights, runs `pytest -m gpu`)
 #   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
 #   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
+# (Since session 13's run files the repo is 4.5 MB: p1 + wa, 68 MB, is over the 64 MiB carry.)
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
 # The 7b/34b runs need a tokenizer: the weights (after `tier`) or, for timings alone, `.gpu/tok`
 # carried with p1 instead of a weight part: [.gpu/p1, .gpu/tok] unpack p1; [.gpu/p2] unpack p2; 7b.
