@@ -1,37 +1,38 @@
 #!/usr/bin/env bash
 # One call of a GPU device session (docs/gpu.md, Reproduce), so that each `run` is one short line.
-# Back to back on one warm machine, `carry` in brackets:
-#   [.gpu/p1]           bash scripts/device_step.sh unpack p1
-#   [.gpu/p2]           bash scripts/device_step.sh unpack p2
-#   [.gpu/wa] / [.gpu/wb] / [.gpu/wc]  bash scripts/device_step.sh part a / part b / part c
-#   [.gpu/wd]           bash scripts/device_step.sh tier     (joins SmolLM2's weights, runs `pytest -m gpu`)
+# Back to back on one warm machine, `carry` in brackets (the weight parts as scripts/pack_for_device.sh
+# cut them to fit each 64 MiB call beside the repo; every step keeps any part it carries):
+#   [.gpu/p1, .gpu/tok, .gpu/wa]  bash scripts/device_step.sh unpack p1
+#   [.gpu/p2, .gpu/wb]            bash scripts/device_step.sh unpack p2
+#   [.gpu/wc]                     bash scripts/device_step.sh part
+#   [.gpu/wd]                     bash scripts/device_step.sh tier  (joins SmolLM2's weights, runs `pytest -m gpu`)
 #   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
 #   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
-# (Since session 13's run files the repo is 4.5 MB: p1 + wa, 68 MB, is over the 64 MiB carry.)
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
 # The 7b/34b runs need a tokenizer: the weights (after `tier`) or, for timings alone, `.gpu/tok`
-# carried with p1 instead of a weight part: [.gpu/p1, .gpu/tok] unpack p1; [.gpu/p2] unpack p2; 7b.
+# (device_env.sh links it where the dummy-weight folders look): [.gpu/p1, .gpu/tok] unpack p1;
+# [.gpu/p2] unpack p2; 7b.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
-steps="unpack PART [W], part W, tier, flex, 7b or 34b"
+steps="unpack p1|p2, part, tier, flex, 7b or 34b"
 step=${1:-}
 case $step in
   unpack | part | tier | flex | 7b | 34b) shift; mkdir -p "$OUT" /root/site /root/wx ;;
   *) echo "device_step.sh: unknown step '$step' ($steps)" >&2; exit 2 ;;
 esac
+for part in .gpu/w?/part; do  # a carried weight part: keep it for the tier
+  if [ -f "$part" ]; then w=${part#.gpu/w}; cp "$part" "/root/wx/${w%/part}"; fi
+done
 case $step in
   unpack)
     python3 -c "import tarfile,sys; tarfile.open(sys.argv[1],'r:xz').extractall('/root/site',filter='fully_trusted')" \
       ".gpu/$1/$1.tar.xz"
-    if [ -n "${2:-}" ]; then cp ".gpu/w$2/part" "/root/wx/$2"; fi
     # a carried tokenizer (timings without weights) goes where device_env.sh looks for SmolLM2
     if [ -d .gpu/tok ]; then mkdir -p /root/smol && cp .gpu/tok/* /root/smol/; fi ;;
-  part)
-    cp ".gpu/w$1/part" "/root/wx/$1" ;;
+  part) ;;
   tier)
-    if [ -f .gpu/wd/part ]; then cp .gpu/wd/part /root/wx/d; fi
-    mkdir -p /root/smol && cat /root/wx/a /root/wx/b /root/wx/c /root/wx/d | xz -d | tar -x -C /root/smol
+    mkdir -p /root/smol && cat /root/wx/* | xz -d | tar -x -C /root/smol
     source scripts/device_env.sh
     KVBLEND_GPU_MODEL=/root/smol KVBLEND_GPU_OUT="$OUT/q" timeout 540 \
       python3 -m pytest -m gpu tests/gpu -rs -x -q 2>&1 | tee "$OUT/tier.log" ;;
