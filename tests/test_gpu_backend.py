@@ -491,4 +491,4 @@ def test_device_step_script_parses_and_names_its_steps(tmp_path):
     for args in (["bogus"], []):
         bad = subprocess.run(["bash", script, *args], capture_output=True, text=True,
                              env={**os.environ, "OUT": str(tmp_path)})
-        assert bad.returncode == 2 and "unpack PART [W], part W, tier, flex, 7b or 34b" in bad.stderr
+        assert bad.returncode == 2 and "unpack p1|p2, part, tier, flex, 7b or 34b" in bad.stderr
