@@ -5,7 +5,7 @@
 #   [.gpu/p1, .gpu/tok, .gpu/wa]  bash scripts/device_step.sh unpack p1
 #   [.gpu/p2, .gpu/wb]            bash scripts/device_step.sh unpack p2
 #   [.gpu/wc]                     bash scripts/device_step.sh part
-#   [.gpu/wd]                     bash scripts/device_step.sh tier  (joins SmolLM2's weights, runs `pytest -m gpu`)
+#   [.gpu/wd]                     bash scripts/device_step.sh tier  (joins the parts, runs `pytest -m gpu`)
 #   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
 #   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.

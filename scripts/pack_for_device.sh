@@ -18,7 +18,12 @@ limit, margin = 64 << 20, int(os.environ.get("MARGIN", 1_000_000))
 repo = sum(os.path.getsize(f) for f in subprocess.run(
     ["git", "ls-files", "--cached", "--others", "--exclude-standard"], capture_output=True, text=True,
     check=True).stdout.splitlines() if os.path.isfile(f))
-size = lambda *paths: sum(os.path.getsize(f) for p in paths for f in glob.glob(f".gpu/{p}/*"))
+
+
+def size(*dirs):  # bytes a call carries for these .gpu folders
+    return sum(os.path.getsize(f) for d in dirs for f in glob.glob(f".gpu/{d}/*"))
+
+
 free = limit - margin - repo
 data = open(".gpu/smol.tar.xz", "rb").read()
 for old in glob.glob(".gpu/w?"):
