@@ -21,8 +21,8 @@ case $step in
   unpack | part | tier | flex | 7b | 34b) shift; mkdir -p "$OUT" /root/site /root/wx ;;
   *) echo "device_step.sh: unknown step '$step' ($steps)" >&2; exit 2 ;;
 esac
-for part in .gpu/w?/part; do  # a carried weight part: keep it for the tier
-  if [ -f "$part" ]; then w=${part#.gpu/w}; cp "$part" "/root/wx/${w%/part}"; fi
+for part in .gpu/w?/part; do  # a carried weight part (.gpu/wX/part): keep it as /root/wx/X for the tier
+  if [ -f "$part" ]; then cp "$part" "/root/wx/${part:6:1}"; fi
 done
 case $step in
   unpack)
