@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from types import ModuleType
 
 from . import runtime
@@ -42,7 +43,7 @@ from .runtime import (
     health,
     launcher_lock,
     log_tail,
-    our_engine_on,
+    owns,
     port_in_use,
     port_owner,
     read_pidfile,
@@ -80,32 +81,56 @@ def engines_for(name: str, model: str | None, blend_port: int, full_port: int, *
 
 # ------------------------------------------------------------------ start / stop / status
 def launch(e: Engine) -> Engine:
-    """Start one engine in the background (own process group), unless ours already serves there.
-    `start` calls it under the launcher lock, so nothing else starts an engine meanwhile."""
+    """Start one engine in the background (own process group), unless ours already serves there with
+    the same settings (port, backend, command line and API key). `start` calls it under the launcher
+    lock, so nothing else starts an engine meanwhile."""
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    e.key = runtime.key_tag(runtime.api_key())
     old = read_pidfile(e.name)
-    if old and alive(old.pid):
-        if old.port == e.port and old.backend == e.backend and old.cmd == e.cmd:  # same settings
-            return old  # already running: reuse it
-        stop_engine(old)
+    if old and owns(old):
+        if (old.port, old.backend, old.cmd, old.key) == (e.port, e.backend, e.cmd, e.key):
+            return old  # already running with these settings: reuse it
+        stop_engine(old)  # other settings (or another API key): restart it
+    elif old:  # a stale pid file: its process is gone or is some other program now; never signal it
+        old.pidfile.unlink(missing_ok=True)
     if port_in_use(e.port, e.host):
-        ours = our_engine_on(e.port)
-        fix = ("It is one of our engines without a pid file: run `./launch_engines.sh stop` (it finds "
-               "it by its port)" if ours else "Stop that process (or run `./launch_engines.sh stop`)")
-        raise EngineError(
-            f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} engine cannot "
-            f"start. {fix}, or choose another port with --{e.name}-port."
-        )
+        raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} engine "
+                          f"cannot start. {busy_port_fix(e.port)}, or choose another port with "
+                          f"--{e.name}-port.")
     if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
         os.replace(e.log, e.log.with_name(e.log.name + ".1"))
-    env = {**os.environ, **e.env}
+    e.run_dir, e.checkout = str(runtime.RUN_DIR), str(ROOT)
+    env = {**os.environ, **e.env, "KVBLEND_RUN_DIR": e.run_dir}  # marks the process as this run dir's
     with open(e.log, "w") as log:
         proc = subprocess.Popen(e.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=ROOT, start_new_session=True)
     e.pid = proc.pid
+    info = runtime.process_info(proc.pid)
+    e.started = info["started"] if info else None
     record = {**asdict(e), "env": {k: v for k, v in e.env.items() if "KEY" not in k}}  # no secrets
-    write_atomic(e.pidfile, json.dumps(record))
+    try:
+        write_atomic(e.pidfile, json.dumps(record))
+    except EngineError:
+        proc.kill()  # an engine nobody could find again must not outlive this launch
+        proc.wait()
+        raise
     return e
+
+
+def busy_port_fix(port: int) -> str:
+    """What to do about a busy port, depending on whose process holds it."""
+    found = runtime.engine_on(port)
+    if found and runtime.ours_here(found[1]):
+        return ("It is one of our engines without a pid file: run `./launch_engines.sh stop` (it finds it "
+                "by its port)")
+    if found:
+        return (f"It is an engine of another checkout or run dir ({owner(found[1])}): stop it there "
+                "with its own `./launch_engines.sh stop`")
+    return "Stop that process"
+
+
+def owner(info: dict) -> str:
+    return f"started in {info.get('cwd') or '?'}, run dir {info.get('run_dir') or '?'}"
 
 
 def startup_problem(e: Engine) -> str | None:
@@ -122,7 +147,7 @@ def give_up(failed: list[Engine], engines: list[Engine], why: str) -> EngineErro
     """Stop the engines that failed, keep the healthy ones, and say so with the first one's log."""
     for e in failed:
         stop_engine(e)
-    kept = [e.name for e in engines if e not in failed and alive(e.pid)]
+    kept = [e.name for e in engines if e not in failed and owns(e)]
     e = failed[0]
     return EngineError(
         f"The {' and '.join(f.name for f in failed)} engine {why}; stopped it"
@@ -192,11 +217,18 @@ def _progress(enabled: bool, total: int):
 
 
 def start(backend: str = "auto", model: str | None = None, blend_port: int = PORTS["blend"],
-          full_port: int = PORTS["full"], timeout: float = 300, progress: bool = True, **kw) -> list[Engine]:
+          full_port: int = PORTS["full"], timeout: float = 300, progress: bool = True,
+          docs: str | None = None, **kw) -> list[Engine]:
     """Start (or find running) blend and full engines and wait until both are healthy. One launcher
     at a time; a launch that fails or is interrupted before both run stops what it started (a
-    healthy engine stays when only the other one fails to come up)."""
+    healthy engine stays when only the other one fails to come up).
+
+    `docs`: the documents folder this launch serves (resolved), recorded for the notebooks. Running
+    engines that hold another folder are refused, so a notebook never offers the wrong chunks."""
+    from .library import check_docs, record_docs, recorded_docs
+
     with launcher_lock(timeout):
+        check_docs(docs)
         started = []
         try:
             engines = []
@@ -214,11 +246,17 @@ def start(backend: str = "auto", model: str | None = None, blend_port: int = POR
             for e in started:
                 stop_engine(e)
             raise
+        if docs or engines[0] in started:  # a fresh blend engine holds only what this launch gives it
+            record_docs(docs)
+        elif recorded_docs():
+            print(f"note: the running engines also hold the documents of {recorded_docs()}",
+                  file=sys.stderr)
     return engines
 
 
 def signal_engine(pid: int, sig: int) -> None:
-    """Signal the engine's process group (ours lead one), or the process alone if it leads none."""
+    """Signal the process group our launcher created for the engine (it leads it), or the process
+    alone if it leads none (a group we did not create is never signalled)."""
     try:
         if os.getpgid(pid) == pid:
             os.killpg(pid, sig)
@@ -229,14 +267,15 @@ def signal_engine(pid: int, sig: int) -> None:
 
 
 def stop_engine(e: Engine, grace: float = 10.0) -> None:
-    """TERM the engine's process group, KILL it after `grace` seconds, remove its pid file."""
-    if e.pid and alive(e.pid):
+    """TERM the engine's process group, KILL it after `grace` seconds, remove its pid file. Only an
+    engine `owns` recognizes is signalled: a pid that now names another process is left alone."""
+    if owns(e):
         signal_engine(e.pid, signal.SIGTERM)
         signal_engine(e.pid, signal.SIGCONT)  # a stopped (SIGSTOP) engine must run to see the TERM
         deadline = time.time() + grace
-        while alive(e.pid) and time.time() < deadline:
+        while runtime.same_process(e) and time.time() < deadline:  # exiting: its command line is gone
             time.sleep(0.1)
-        if alive(e.pid):
+        if runtime.same_process(e):
             signal_engine(e.pid, signal.SIGKILL)
         try:  # reap it if it was our child
             os.waitpid(e.pid, os.WNOHANG)
@@ -246,20 +285,30 @@ def stop_engine(e: Engine, grace: float = 10.0) -> None:
 
 
 def stop(names=("blend", "full"), ports: dict | None = None) -> list[str]:
-    """Stop our engines: the ones the pid files name, and any of ours still listening on their
-    ports or on `ports` ({name: port}), e.g. one whose pid file was lost."""
+    """Stop our engines: the ones the pid files name, and any of this checkout and run dir still
+    listening on their ports or on `ports` ({name: port}), e.g. one whose pid file was lost. An
+    engine of another checkout or run dir on those ports is named, never stopped."""
     stopped = []
     with launcher_lock():
         for name in names:
             e = read_pidfile(name)
             if e:
+                if owns(e):
+                    stopped.append(f"{name} (pid {e.pid}, :{e.port})")
+                else:
+                    print(f"note: removed a stale pid file for the {name} engine (pid {e.pid} is not our "
+                          "engine any more; left alone)", file=sys.stderr)
                 stop_engine(e)
-                stopped.append(f"{name} (pid {e.pid}, :{e.port})")
             for port in {p for p in (e and e.port, (ports or {}).get(name)) if p}:
-                pid = our_engine_on(port)
-                if pid:
-                    stop_engine(Engine(name, port, "unknown", pid=pid))
+                found = runtime.engine_on(port)
+                if found and runtime.ours_here(found[1]):
+                    pid, info = found
+                    stop_engine(Engine(name, port, "unknown", info["cmd"], pid=pid, started=info["started"],
+                                       run_dir=str(runtime.RUN_DIR)))
                     stopped.append(f"{name} (pid {pid}, :{port}, found by its port)")
+                elif found:
+                    print(f"note: left alone: the engine on :{port} (pid {found[0]}) is not this checkout's "
+                          f"({owner(found[1])})", file=sys.stderr)
     return stopped
 
 
@@ -267,11 +316,11 @@ def status() -> dict:
     out = {}
     for name in ("blend", "full"):
         e = read_pidfile(name)
-        if e is None:
-            out[name] = {"running": False}
+        if e is None or not owns(e):
+            out[name] = {"running": False, **({"stale_pid_file": str(e.pidfile)} if e else {})}
         else:
-            h = health(e) if alive(e.pid) else None
-            out[name] = {"running": alive(e.pid), "healthy": bool(h), "url": e.url, "pid": e.pid,
+            h = health(e)
+            out[name] = {"running": True, "healthy": bool(h), "url": e.url, "pid": e.pid,
                          "backend": e.backend, "log": str(e.log), **({"health": h} if h else {})}
     return out
 
@@ -281,7 +330,7 @@ def find(name: str, port: int | None = None) -> Engine:
     its pid file, while it runs; otherwise one someone else started, its backend told by its /health
     ("unknown" when nothing answers there)."""
     e = read_pidfile(name)
-    if e and alive(e.pid) and port in (None, e.port):
+    if e and owns(e) and port in (None, e.port):
         return e
     e = Engine(name, port or PORTS[name], "unknown")
     h = health(e)
@@ -348,29 +397,58 @@ def main(argv=None) -> int:
     ap.add_argument("--no-disk-cache", action="store_true",
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
     args = ap.parse_args(argv)
+    problem = bad_arguments(args)
+    if problem:
+        ap.error(problem)  # one line and exit 2
+    try:
+        return run(args)
+    except EngineError as err:  # e.g. an unusable run folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def bad_arguments(args) -> str | None:
+    """What is wrong with the command line, in one line; None when nothing is. Relative paths are
+    made absolute here, against the caller's folder (the engines run in the checkout)."""
+    for name in ("blend_port", "full_port"):
+        if not 1 <= getattr(args, name) <= 65535:
+            return f"--{name.replace('_', '-')} must be a port number from 1 to 65535"
+    if args.blend_port == args.full_port:
+        return "--blend-port and --full-port must differ"
+    if args.timeout <= 0:
+        return "--timeout must be positive"
+    if not 0 < args.ratio <= 1 or args.check_layer < 0:
+        return "--ratio must be in (0, 1] and --check-layer >= 0"
+    if args.docs is not None:
+        args.docs = str(Path(args.docs).expanduser().resolve())
+    if args.model and Path(args.model).expanduser().exists():
+        args.model = str(Path(args.model).expanduser().resolve())
+    return None
+
+
+def run(args) -> int:
     if args.action == "stop":
         from .library import record_docs
 
-        record_docs(None)
         stopped = stop(ports={"blend": args.blend_port, "full": args.full_port})
-        print("stopped: " + ", ".join(stopped) if stopped else "no engines were running")
+        try:
+            record_docs(None)
+        except OSError as err:
+            raise runtime.unusable_run_dir(err) from err
+        print("stopped: " + ", ".join(stopped) if stopped else "no engines of this checkout were running")
         return 0
     if args.action == "status":
         st = status()
         print(json.dumps(st, indent=2))
         return 0 if all(s.get("healthy") for s in st.values()) else 1
-    if not 0 < args.ratio <= 1 or args.check_layer < 0:
-        print("error: --ratio must be in (0, 1] and --check-layer >= 0", file=sys.stderr)
-        return 2
     from .documents import DocumentsError
-    from .library import record_docs
 
     try:  # a bad folder stops here, before any engine is touched
         lib = load_library(args.docs)
     except DocumentsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    kw = {"ratio": args.ratio, "check_layer": args.check_layer}
+    kw = {"ratio": args.ratio, "check_layer": args.check_layer, "docs": lib.docs}
     for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
         if getattr(args, opt) is not None:
             kw[opt] = getattr(args, opt)
@@ -378,12 +456,11 @@ def main(argv=None) -> int:
         kw["kv_dir"] = None
     try:
         engines = start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
-        record_docs(lib.docs)
         if args.docs:
             print(f"your documents: {len(lib.doc_names())} chunks from {lib.docs}")
         if not args.no_precompute:
             warm(engines[0], list(lib.texts.values()))
-    except EngineError as err:
+    except (EngineError, DocumentsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -71,11 +71,24 @@ def _record_path() -> Path:
 def record_docs(docs: str | Path | None) -> None:
     """Remember which documents folder the blend engine has precomputed (None: only ffmpeg/)."""
     path = _record_path()
-    if docs is None:
-        path.unlink(missing_ok=True)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"docs": str(Path(docs).expanduser().resolve())}))
+    try:
+        if docs is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise runtime.unusable_run_dir(err) from err
+    runtime.write_atomic(path, json.dumps({"docs": str(Path(docs).expanduser().resolve())}))
+
+
+def check_docs(docs: str | None) -> None:
+    """Refuse to give running engines a second documents folder: the record names one folder, so a
+    notebook would silently offer the other launcher's chunks. Raises DocumentsError."""
+    held = recorded_docs()
+    blend = runtime.read_pidfile("blend")
+    if docs and held and held != str(docs) and blend and runtime.owns(blend):
+        raise DocumentsError(f"The running engines hold the documents of {held}, not {docs}. Stop them "
+                             f"first (`./launch_engines.sh stop`), or pass --docs {held}.")
 
 
 def recorded_docs() -> str | None:

@@ -16,10 +16,22 @@ its cached KV is found by those ids, in any position.
 from __future__ import annotations
 
 SEP = " # # "
+SEP_IN_TEXT = " ## "  # what SEP inside a chunk or a question becomes (`escape_separator`)
 
 DEFAULT_SYSTEM = (
     "You are a helpful assistant. Answer the question briefly, using only the documents provided."
 )
+
+
+def escape_separator(text: str) -> str:
+    """`text` with every SEP written as SEP_IN_TEXT, so that it cannot cut a chunk into segments.
+    The library applies it to your documents when it loads them and the prompt builders to every
+    chunk and question, so a chunk is precomputed and prompted as the same single segment."""
+    while SEP in text:  # " # # # " would leave a SEP behind after a single pass
+        text = text.replace(SEP, SEP_IN_TEXT)
+    if text.endswith(" #"):  # "a #" + SEP reads as "a" + SEP + "# ": the cut would move left
+        text = text[:-1] + "##"
+    return text
 
 
 # ------------------------------------------------------------------ text prompts (embedded backend)
@@ -27,7 +39,7 @@ def build_user_message(chunks: list[str], question: str) -> str:
     """User content for the chat API: a leading separator cuts the chat template's prefix (system
     prompt and the `user` header) into a segment of its own, so that prefix is cached once and every
     chunk is a clean segment."""
-    return SEP + SEP.join([*chunks, question])
+    return SEP + SEP.join(escape_separator(t) for t in [*chunks, question])
 
 
 def build_messages(chunks: list[str], question: str, system: str = DEFAULT_SYSTEM) -> list[dict]:

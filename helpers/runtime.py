@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -22,10 +23,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_DIR = Path(os.environ.get("KVBLEND_RUN_DIR", ROOT / ".engines"))  # pid files, logs, engine configs
+RUN_DIR = Path(os.environ.get("KVBLEND_RUN_DIR", ROOT / ".engines")).resolve()  # pid files, logs, configs
 HOST = "127.0.0.1"
 PORTS = {"blend": 8000, "full": 8001}  # the two engines' default ports
 ENGINE_MARKERS = ("helpers.embedded.server", "vllm serve", "vllm.entrypoints")  # our engine commands
+
+
+def cache_dir() -> Path:
+    """Where the converted model and chunk KV live: KVBLEND_CACHE, default `.cache/` in the checkout."""
+    return Path(os.environ.get("KVBLEND_CACHE") or ROOT / ".cache").expanduser().resolve()
 
 
 def api_key() -> str | None:
@@ -36,6 +42,11 @@ def api_key() -> str | None:
 def auth_headers() -> dict:
     key = api_key()
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def key_tag(key: str | None) -> str | None:
+    """What a pid file records of the engine's API key: a short hash, never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else None
 
 
 class EngineError(RuntimeError):
@@ -54,6 +65,11 @@ class Engine:
     pid: int | None = None
     host: str = HOST
     model: str | None = None
+    # who started it, so that no other process is ever taken for it (see `owns`):
+    started: float | None = None  # the process's start time (psutil's create_time)
+    run_dir: str | None = None  # the RUN_DIR its pid file lives in
+    checkout: str | None = None  # the repository it was started from (ROOT)
+    key: str | None = None  # key_tag() of the API key it requires, None for none
 
     @property
     def url(self) -> str:
@@ -76,18 +92,32 @@ def read_pidfile(name: str) -> Engine | None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename: a reader sees the old file or the new one, never half."""
+    """Write via a temp file and rename: a reader sees the old file or the new one, never half. A
+    failed write (a full disk, a read-only folder) leaves no temp file and raises EngineError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise unusable_run_dir(err) from err
+
+
+def unusable_run_dir(err: OSError) -> EngineError:
+    return EngineError(f"Cannot write to the run folder {RUN_DIR} ({err.strerror or err}). Free some space "
+                       "or make it writable, or set KVBLEND_RUN_DIR to a writable folder.")
 
 
 @contextlib.contextmanager
 def launcher_lock(timeout: float = 600, notify=print):
     """One launcher (start or stop) at a time across processes: an flock on .engines/launch.lock.
     A second launcher waits for the first, then finds its engines running instead of racing it."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(RUN_DIR / "launch.lock", "a+") as f:
+    try:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        f = open(RUN_DIR / "launch.lock", "a+")  # noqa: SIM115 - closed by the `with` below
+    except OSError as err:
+        raise unusable_run_dir(err) from err
+    with f:
         deadline, told = time.time() + timeout, False
         while True:
             try:
@@ -149,21 +179,79 @@ def port_owner(port: int) -> str:
     return "another process"
 
 
-def our_engine_on(port: int) -> int | None:
-    """The pid of a process of ours (one of our engine commands, with this --port) listening on
-    `port`: an engine whose pid file is gone or names another process still gets found and stopped."""
+def process_info(pid: int | None) -> dict | None:
+    """What identifies a running process: its start time, command line, working folder and run dir
+    (our engines carry KVBLEND_RUN_DIR in their environment). None if it is gone or a zombie."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        info = {"started": p.create_time(), "cmd": p.cmdline()}
+        try:
+            info["cwd"], info["run_dir"] = p.cwd(), p.environ().get("KVBLEND_RUN_DIR")
+        except psutil.Error:  # another user's process: we cannot tell whose it is
+            info["cwd"] = info["run_dir"] = None
+        return info
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
+def same_process(e: Engine) -> bool:
+    """e.pid still runs (not a zombie) and started when e did: a recycled pid is another process."""
+    import psutil
+
+    try:
+        p = psutil.Process(e.pid)
+        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - e.started) <= 0.05
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def is_engine_command(cmd: list[str]) -> bool:
+    line = " ".join(cmd)
+    return any(m in line for m in ENGINE_MARKERS)
+
+
+def owns(e: Engine) -> bool:
+    """True when e.pid is still the process our launcher started for this run dir: the same start
+    time (a recycled pid never matches), the same command line (or one vLLM renamed) and this run
+    dir. A stranger's process, even one a stale pid file names, is never ours."""
+    info = process_info(e.pid) if e.pid and e.started is not None else None
+    if info is None or not same_process(e):
+        return False
+    same_cmd = info["cmd"] == e.cmd or is_engine_command(info["cmd"]) or "VLLM" in " ".join(info["cmd"])
+    return same_cmd and e.run_dir == str(RUN_DIR)
+
+
+def engine_on(port: int) -> tuple[int, dict] | None:
+    """(pid, process_info) of the process listening on `port` if it runs one of our engine commands
+    with this --port; whether it belongs to this checkout and run dir is for the caller to judge
+    (`ours_here`)."""
     try:
         import psutil
 
         for c in psutil.net_connections(kind="tcp"):
             if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
-                cmd = psutil.Process(c.pid).cmdline()
-                line = " ".join(cmd)
-                if any(m in line for m in ENGINE_MARKERS) and f"--port {port}" in line:
-                    return c.pid
+                info = process_info(c.pid)
+                if info and is_engine_command(info["cmd"]) and f"--port {port}" in " ".join(info["cmd"]):
+                    return c.pid, info
     except Exception:  # noqa: BLE001 - best effort: no permission to list other users' sockets
         pass
     return None
+
+
+def ours_here(info: dict) -> bool:
+    """An engine process started by this checkout's launcher for this run dir."""
+    return info.get("run_dir") == str(RUN_DIR) and info.get("cwd") == str(ROOT)
+
+
+def our_engine_on(port: int) -> int | None:
+    """The pid of an engine of this checkout and run dir listening on `port` (one whose pid file was
+    lost is still found); None for nothing there or for another checkout's or run dir's engine."""
+    found = engine_on(port)
+    return found[0] if found and ours_here(found[1]) else None
 
 
 def stopped_state(pid: int | None) -> str | None:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import split_segments
+from ..prompts import escape_separator, split_segments
 from ..settings import BLEND, BlendSettings
 from .blend import ModelRunner
 from .kvstore import ChunkKVStore
 from .model import load_model
 
 LOGPROB_FLOOR = -9999.0  # what vLLM reports for an impossible token
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding, as in vLLM (no overflow to inf)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Generator:
     def cache_chunk(self, text: str) -> dict:
         """Compute (or find) the KV of one chunk, tokenized as it is inside a prompt."""
         t0 = time.perf_counter()
+        text = escape_separator(text)  # as the prompt builders write it: one segment, never cut
         ids = self.runner.tokenize([text])[0] if text else []
         hit = True
         if ids:
@@ -120,13 +122,14 @@ class Generator:
             raise RuntimeError("the model produced NaN scores (damaged weights or cached KV?); "
                                "restart the engine and clear .cache/chunk-kv if it persists")
         logp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)  # -inf is no JSON
-        if req.temperature <= 0:
+        if req.temperature < SAMPLING_EPS:
             token = int(torch.argmax(logits))
         else:
             probs = torch.softmax(logits.float() / req.temperature, dim=-1)
             if req.top_p < 1.0:
                 p_sorted, idx = torch.sort(probs, descending=True)
-                keep = torch.cumsum(p_sorted, 0) - p_sorted < req.top_p  # always keeps the top token
+                keep = torch.cumsum(p_sorted, 0) - p_sorted < req.top_p
+                keep[0] = True  # the top token always stays, however small top_p (1e-300 is 0 in float32)
                 probs = torch.zeros_like(probs).scatter(0, idx[keep], p_sorted[keep])
             token = int(torch.multinomial(probs, 1, generator=gen))
         top = None

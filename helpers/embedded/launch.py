@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 
 from ..prompts import DEFAULT_SYSTEM, build_messages
-from ..runtime import HOST, ROOT, Engine, EngineError, auth_headers
+from ..runtime import HOST, ROOT, Engine, EngineError, auth_headers, cache_dir
 from ..settings import BLEND
 
-KV_DIR = ROOT / ".cache" / "chunk-kv"
+DEFAULT = "default"  # kv_dir's default: chunk-kv/ in the cache folder (KVBLEND_CACHE, else .cache/)
 
 
 def available() -> bool:
@@ -26,7 +26,7 @@ def available() -> bool:
 
 def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST,
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
-            kv_dir: str | Path | None = KV_DIR, **vllm_only) -> list[Engine]:
+            kv_dir: str | Path | None = DEFAULT, **vllm_only) -> list[Engine]:
     """The two embedded servers (not started). The blend engine keeps chunk KV in `kv_dir` too (about
     46 KB per token for SmolLM2, 1.8 GB for the whole corpus), so a restarted engine starts warm:
     computing every chunk's KV costs minutes on 2 cores, loading it back seconds. None keeps it in
@@ -34,6 +34,8 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
     if vllm_only:
         flags = ", ".join("--" + k.replace("_", "-") for k in vllm_only)
         raise EngineError(f"{flags}: options of the vllm backend; the embedded engines do not take them.")
+    if kv_dir == DEFAULT:
+        kv_dir = cache_dir() / "chunk-kv"
 
     def cmd(mode: str, port: int) -> list[str]:
         c = [sys.executable, "-m", "helpers.embedded.server", "--mode", mode, "--host", host,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,14 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..runtime import cache_dir  # where converted models live (KVBLEND_CACHE)
+
 DEFAULT_MODEL = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models live (override with KVBLEND_CACHE)."""
-    root = os.environ.get("KVBLEND_CACHE") or Path(__file__).resolve().parents[2] / ".cache"
-    return Path(root)
 
 
 def smollm2_gguf_path() -> Path:
