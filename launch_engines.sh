@@ -5,9 +5,10 @@
 # Usage: ./launch_engines.sh [--backend auto|embedded|vllm] [--model PATH] [--blend-port N] [--full-port N]
 #        ./launch_engines.sh --docs DIR   (also your .txt/.md files in DIR, next to ffmpeg/)
 #        ./launch_engines.sh status | stop
-# Logs and pid files live in .engines/. See `python -m helpers.engines --help` for every option.
+# Paths are taken relative to the folder you run it from. Logs and pid files live in .engines/.
+# See `python -m helpers.engines --help` for every option.
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=.venv/bin/python
+here=$(cd "$(dirname "$0")" && pwd)
+PY=$here/.venv/bin/python
 [ -x "$PY" ] || PY=python3
-exec "$PY" -m helpers.engines "$@"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m helpers.engines "$@"

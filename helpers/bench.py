@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 from . import corpus
 from .metrics import kl
 from .prompts import chat_segments
+from .runtime import EngineError
 from .settings import BLEND, BlendSettings
 
 
@@ -97,12 +99,15 @@ def sweep_engines(sizes=(512, 1024, 2048), repeats=3, max_tokens=1, seed=0, engi
         prompts = rag_prompts(size, repeats + 1, seed)
         warm_chunks = [c for chunks, _ in prompts for c in chunks]
         blend = engines[0] if engines else eng.find("blend")
+        from .rag import check_roles
+
+        check_roles(engines or (blend, eng.find("full")))
         eng.precompute(blend, list(dict.fromkeys(warm_chunks)), progress=False)
         for rep, (chunks, question) in enumerate(prompts[1:]):
             res = ask_one_by_one(chunks, question, max_tokens=max_tokens, engines=engines)
             for name, a in res.items():
                 if a.error:
-                    raise RuntimeError(a.error)
+                    raise EngineError(a.error)
                 rows.append({"target_tokens": size, "tokens": a.prompt_tokens, "repeat": rep,
                              "engine": name, "ttft_ms": a.ttft_s * 1e3, "answer": a.text})
             b, f = res["blend"], res["full"]
@@ -137,6 +142,7 @@ def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=N
     hits = sum(q["chunk"] in names for q, names in zip(qa, rag.plan(qa, retriever, k), strict=True))
     log(f"BM25 recall@{k} over the {len(qa)} QA questions: {hits / len(qa):.1%}")
     engines = engines or (eng.find("blend"), eng.find("full"))
+    rag.check_roles(engines)
     log(f"\nRAG trace: {n_questions} questions, top {k} chunks each, {max_tokens} tokens per answer")
     log(rag.HEADER)
     rows = rag.run_trace(engines, n_questions, k, max_tokens, log=log)
@@ -145,8 +151,8 @@ def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=N
     return {"recall_at_k": hits / len(qa), "rows": rows, "summary": summary}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["blend", "engines", "rag"])
     ap.add_argument("--sizes", default=None, help="comma-separated context sizes in tokens")
     ap.add_argument("--prompts", type=int, default=20, help="blend: prompts per size")
@@ -161,30 +167,65 @@ def main(argv=None) -> None:
     ap.add_argument("--blend-port", type=int, default=None, help="rag: the blend engine's port")
     ap.add_argument("--full-port", type=int, default=None, help="rag: the full engine's port")
     args = ap.parse_args(argv)
+    problem = bad_arguments(args)
+    if problem:
+        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
+        return 2
+    try:
+        run(args)
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def bad_arguments(args) -> str | None:
+    """What is wrong with the command line, in one line (None: nothing)."""
+    try:
+        args.sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
+    except ValueError:
+        return f"--sizes must be comma-separated whole numbers of tokens, got {args.sizes!r}"
+    n_qa, n_chunks = len(corpus.load_qa()), len(corpus.load_manifest())
+    checks = [
+        (all(64 <= s <= 131072 for s in args.sizes), "--sizes must be from 64 to 131072 tokens"),
+        (args.prompts >= 1 and args.repeats >= 1, "--prompts and --repeats must be at least 1"),
+        (0 < args.ratio <= 1, "--ratio must be in (0, 1]"),
+        (args.check_layer >= 0, "--check-layer must be 0 or more"),
+        (set(args.deviation.split(",")) <= {"v", "k"}, "--deviation must be v, k or v,k"),
+        (1 <= args.questions <= n_qa, f"--questions must be from 1 to {n_qa} (the QA file's questions)"),
+        (1 <= args.k <= n_chunks, f"-k must be from 1 to {n_chunks} (the corpus's chunks)"),
+        (1 <= args.max_tokens <= 4096, "--max-tokens must be from 1 to 4096"),
+        (all(p is None or 1 <= p <= 65535 for p in (args.blend_port, args.full_port)),
+         "--blend-port and --full-port must be port numbers from 1 to 65535"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def run(args) -> None:
     if args.what == "blend":
         from .embedded.blend import ModelRunner
         from .embedded.model import load_model
 
-        sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
         mdl, tok, path = load_model(args.model)
         runner = ModelRunner(mdl, tok, model_id=str(path))
         for dev in args.deviation.split(","):
             print(f"\nratio {args.ratio}, check layer {args.check_layer}, deviation on {dev.upper()}, "
                   f"{args.prompts} reordered prompts per size, warm chunk cache")
             print(BLEND_HEADER)
-            bench_blend(runner, sizes, args.prompts, args.ratio, args.check_layer, dev)
+            bench_blend(runner, args.sizes, args.prompts, args.ratio, args.check_layer, dev)
     elif args.what == "rag":
         from . import engines as eng
 
         bench_rag(args.questions, args.k, args.max_tokens,
                   (eng.find("blend", args.blend_port), eng.find("full", args.full_port)))
     else:
-        sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
-        rows = sweep_engines(sizes, args.repeats)
+        rows = sweep_engines(args.sizes, args.repeats)
         print(f"\n{'tokens':>7} {'full ms':>8} {'blend ms':>9} {'speed-up':>9}")
         for r in summarize(rows):
             print(f"{r['tokens']:>7} {r['full_ms']:>8.0f} {r['blend_ms']:>9.0f} {r['speedup']:>8.2f}x")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,15 +43,44 @@ function render({ model, el: host }) {
   }
   const nameOf = (ev) => ev.dataTransfer.getData("text/plain") || dragged;
 
-  function draw() {
-    const scroll = root.querySelector(".kvb-library")?.scrollTop || 0;  // keep it across redraws
-    const chunks = model.get("chunks");
+  // The page is built once; a change redraws the context list and the visible library rows only.
+  // With thousands of chunks the library shows LIMIT rows that match the filter (search, then pick).
+  const LIMIT = 200;
+  let query = "";
+  const count = el("span", { class: "kvb-token-count", "data-testid": "token-count" });
+  const selected = el("ol", { class: "kvb-selected", "data-testid": "selected-chunks" });
+  const library = el("ul", { class: "kvb-library", "data-testid": "chunk-library" });
+  const more = el("div", { class: "kvb-hint kvb-more", "data-testid": "library-more" });
+  const filter = el("input", { type: "search", class: "kvb-filter", "data-testid": "chunk-filter",
+                               placeholder: "filter the library by title or name" });
+  filter.addEventListener("input", () => { query = filter.value.trim().toLowerCase(); drawLibrary(); });
+  selected.addEventListener("dragover", (ev) => ev.preventDefault());
+  selected.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    clearMarks();
+    const src = nameOf(ev);
+    if (src) dropAt(src, null, true);
+  });
+  // Dropping a context chunk on the library takes it out of the context.
+  library.addEventListener("dragover", (ev) => ev.preventDefault());
+  library.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    const src = nameOf(ev);
+    if (src && model.get("order").includes(src)) setOrder(model.get("order").filter((n) => n !== src));
+  });
+  root.replaceChildren(
+    el("div", { class: "kvb-head" }, el("b", {}, "Context, in prompt order "),
+       el("span", { class: "kvb-hint" }, "(drag to reorder) "), count),
+    selected,
+    el("div", { class: "kvb-head" }, el("b", {}, "Library "),
+       el("span", { class: "kvb-hint" }, "(tick to add; tokens per chunk on the right) "), filter),
+    library, more);
+
+  function drawContext() {
     const order = model.get("order");
-    const byName = Object.fromEntries(chunks.map((c) => [c.name, c]));
-    const count = el("span", { class: "kvb-token-count", "data-testid": "token-count" },
-                     `${model.get("tokens")} tokens in ${order.length} chunks`);
-    const selected = el("ol", { class: "kvb-selected", "data-testid": "selected-chunks" });
-    order.forEach((name, i) => {
+    const byName = Object.fromEntries(model.get("chunks").map((c) => [c.name, c]));
+    count.textContent = `${model.get("tokens")} tokens in ${order.length} chunks`;
+    const rows = order.map((name, i) => {
       const c = byName[name] || { title: name, tokens: "?" };
       const btn = (label, testid, title, fn) =>
         el("button", { class: "kvb-btn", "data-testid": testid, title, onclick: fn }, label);
@@ -73,9 +102,8 @@ function render({ model, el: host }) {
         ev.preventDefault();
         ev.stopPropagation();
         const r = li.getBoundingClientRect();
-        const after = ev.clientY > r.top + r.height / 2;
         clearMarks();
-        li.classList.add(after ? "kvb-drop-after" : "kvb-drop-before");
+        li.classList.add(ev.clientY > r.top + r.height / 2 ? "kvb-drop-after" : "kvb-drop-before");
       });
       li.addEventListener("drop", (ev) => {
         ev.preventDefault();
@@ -85,51 +113,44 @@ function render({ model, el: host }) {
         clearMarks();
         if (src && src !== name) dropAt(src, name, ev.clientY > r.top + r.height / 2);
       });
-      selected.appendChild(li);
+      return li;
     });
-    if (!order.length) selected.appendChild(
-      el("li", { class: "kvb-empty" }, "Tick chunks below, or drag them here."));
-    selected.addEventListener("dragover", (ev) => ev.preventDefault());
-    selected.addEventListener("drop", (ev) => {
-      ev.preventDefault();
-      clearMarks();
-      const src = nameOf(ev);
-      if (src) dropAt(src, null, true);
-    });
+    selected.replaceChildren(...(rows.length ? rows
+      : [el("li", { class: "kvb-empty" }, "Tick chunks below, or drag them here.")]));
+  }
 
-    const library = el("ul", { class: "kvb-library", "data-testid": "chunk-library" });
-    for (const c of chunks) {
+  function drawLibrary() {
+    const scroll = library.scrollTop;  // keep it across redraws
+    const inContext = new Set(model.get("order"));
+    const chunks = model.get("chunks");
+    const matches = query ? chunks.filter((c) => `${c.title} ${c.name}`.toLowerCase().includes(query))
+      : chunks;
+    library.replaceChildren(...matches.slice(0, LIMIT).map((c) => {
       const box = el("input", { type: "checkbox", class: "kvb-check", "data-testid": "chunk-checkbox" });
-      box.checked = order.includes(c.name);
-      box.addEventListener("change", () => setOrder(
-        box.checked ? [...order, c.name] : order.filter((n) => n !== c.name)));
+      box.checked = inContext.has(c.name);
+      box.addEventListener("change", () => {
+        const order = model.get("order");
+        setOrder(box.checked ? [...order, c.name] : order.filter((n) => n !== c.name));
+      });
       const li = el("li", { class: "kvb-chunk kvb-chunk-library" + (box.checked ? " kvb-in-context" : ""),
                             "data-testid": "library-chunk", "data-name": c.name },
         el("label", {}, box, el("span", { class: "kvb-title" }, c.title)),
         el("span", { class: "kvb-tokens" }, `${c.tokens}`));
       draggable(li, c.name);
-      library.appendChild(li);
-    }
-    // Dropping a context chunk on the library takes it out of the context.
-    library.addEventListener("dragover", (ev) => ev.preventDefault());
-    library.addEventListener("drop", (ev) => {
-      ev.preventDefault();
-      const src = nameOf(ev);
-      if (src && model.get("order").includes(src)) setOrder(model.get("order").filter((n) => n !== src));
-    });
-
-    root.replaceChildren(
-      el("div", { class: "kvb-head" }, el("b", {}, "Context, in prompt order "),
-         el("span", { class: "kvb-hint" }, "(drag to reorder) "), count),
-      selected,
-      el("div", { class: "kvb-head" }, el("b", {}, "Library "),
-         el("span", { class: "kvb-hint" }, "(tick to add; tokens per chunk on the right)")),
-      library);
+      return li;
+    }));
+    more.textContent = matches.length > LIMIT
+      ? `showing ${LIMIT} of ${matches.length} chunks: type in the filter to find the others`
+      : (query && !matches.length ? "no chunk matches the filter" : "");
     library.scrollTop = scroll;
   }
+
+  function draw() {
+    drawContext();
+    drawLibrary();
+  }
   const onCount = () => {
-    const c = root.querySelector("[data-testid=token-count]");
-    if (c) c.textContent = `${model.get("tokens")} tokens in ${model.get("order").length} chunks`;
+    count.textContent = `${model.get("tokens")} tokens in ${model.get("order").length} chunks`;
   };
   draw();
   model.on("change:order", draw);

@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     problem = bad_arguments(args)
     if problem:
-        ap.error(problem)  # one line and exit 2
+        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
+        return 2
     try:
         return run(args)
     except EngineError as err:  # e.g. an unusable run folder

@@ -16,9 +16,18 @@ NOTEBOOK = "notebooks/01_quickstart.ipynb"
 
 
 def lab_command(notebook: str = NOTEBOOK, port: int = 8888, *extra: str) -> list[str]:
-    """The command line `make lab` runs (and tests/test_lab.py runs too)."""
-    return [sys.executable, "-m", "jupyterlab", notebook, "--allow-root", f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=50", f"--ServerApp.root_dir={ROOT}", *extra]
+    """The command line `make lab` runs (and tests/test_lab.py runs too). An option in `extra`
+    replaces our default for it (JupyterLab takes each option once)."""
+    defaults = ["--allow-root", f"--ServerApp.port={port}", "--ServerApp.port_retries=50",
+                f"--ServerApp.root_dir={ROOT}"]
+    given = {option_name(x) for x in extra}
+    return [sys.executable, "-m", "jupyterlab", notebook,
+            *(d for d in defaults if option_name(d) not in given), *extra]
+
+
+def option_name(arg: str) -> str:
+    """"--ServerApp.port=9000" -> "--serverapp.port" (the part before any "=", any case)."""
+    return arg.split("=", 1)[0].lower()
 
 
 def main(argv: list[str] | None = None) -> None:

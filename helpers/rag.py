@@ -17,7 +17,7 @@ from . import engines as eng
 from .client import Answer, ask_one_by_one
 from .metrics import f1
 from .retrieval import Retriever
-from .runtime import Engine
+from .runtime import Engine, EngineError, health
 
 
 def plan(questions: Sequence[dict], retriever: Retriever, k: int = 4) -> list[list[str]]:
@@ -60,6 +60,20 @@ def question_row(n: int, q: dict, order: list[str], blend: Answer, full: Answer)
     }
 
 
+def check_roles(engines: Sequence[Engine]) -> None:
+    """Each engine is the one its name says (an engine that reports its mode on /health, as the
+    embedded ones do): swapped ports would report a negative time saved. Raises EngineError."""
+    for e in engines:
+        h = health(e)
+        if h is None:
+            raise EngineError(f"No {e.name} engine answers at {e.url}: start the engines with "
+                              "`./launch_engines.sh`, or give the port it runs on.")
+        mode = h.get("mode")
+        if mode is not None and mode != e.name:
+            raise EngineError(f"The engine at {e.url} is a {mode} engine, not the {e.name} engine: check "
+                              "--blend-port and --full-port (are they swapped?).")
+
+
 def run_trace(engines: tuple[Engine, Engine], n_questions: int = 20, k: int = 4, max_tokens: int = 16,
               chunks: dict[str, str] | None = None, questions: Sequence[dict] | None = None,
               progress: bool = True, log: Callable[[str], None] | None = print) -> list[dict]:
@@ -67,6 +81,7 @@ def run_trace(engines: tuple[Engine, Engine], n_questions: int = 20, k: int = 4,
 
     The chunks' KV is precomputed on the blend engine first (as `launch_engines.sh` does for the whole
     library), so the trace measures a warm RAG service, not its first start."""
+    check_roles(engines)
     chunks = chunks if chunks is not None else corpus.load_chunks()
     questions = list(questions if questions is not None else corpus.load_qa())[:n_questions]
     orders = plan(questions, Retriever(chunks), k)
@@ -77,7 +92,7 @@ def run_trace(engines: tuple[Engine, Engine], n_questions: int = 20, k: int = 4,
         res = ask_one_by_one([chunks[c] for c in order], q["question"], max_tokens, engines=engines)
         for a in res.values():
             if a.error:
-                raise RuntimeError(a.error)
+                raise EngineError(a.error)
         rows.append(question_row(i, q, order, res["blend"], res["full"]))
         if log:
             log(format_row(rows[-1]))

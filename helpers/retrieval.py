@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", type=int, default=4, help="how many chunks (default 4)")
     ap.add_argument("--docs", metavar="DIR", help="search the .txt/.md files in DIR instead of ffmpeg/")
     args = ap.parse_args(argv)
+    if args.k < 1 or not args.question.strip():
+        print(f"{ap.prog}: error: " + ("-k must be at least 1" if args.k < 1 else "the question is empty"),
+              file=sys.stderr)
+        return 2
     from .documents import DocumentsError
 
     try:

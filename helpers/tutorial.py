@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import engines as eng
 from . import library
-from .runtime import PORTS, Engine, EngineError, blend_settings, health
+from .runtime import PORTS, Engine, EngineError, auth_headers, blend_settings, health
 
 
 def connect(backend: str = "auto", blend_port: int = PORTS["blend"], full_port: int = PORTS["full"],
@@ -22,6 +22,8 @@ def connect(backend: str = "auto", blend_port: int = PORTS["blend"], full_port: 
     engine, and pickers made after this offer them next to ffmpeg/ (`library.current()`). A folder
     that gives no chunks raises `DocumentsError` before any engine is touched."""
     lib = library.load(docs) if docs is not None else None
+    if lib is not None:
+        library.check_docs(lib.docs)  # running engines that hold another folder: refused
     engines = _find_or_start(backend, blend_port, full_port, start, timeout)
     if lib is not None:
         mine = lib.doc_names()
@@ -99,7 +101,8 @@ def _context_length(engine: Engine) -> int | None:
     import httpx
 
     try:
-        return int(httpx.get(engine.url + "/v1/models", timeout=5).json()["data"][0]["max_model_len"])
+        r = httpx.get(engine.url + "/v1/models", timeout=5, headers=auth_headers())
+        return int(r.json()["data"][0]["max_model_len"])
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
         return None
 
