@@ -207,7 +207,7 @@ def rag_trace(rows: list[dict]) -> go.Figure:
     return _layout(fig, "A RAG trace: blend vs full prefill", height=520)
 
 
-GPU_COLUMNS = {  # our name: accepted spellings in docs/h200_ttft.csv
+GPU_COLUMNS = {  # our name: accepted spellings in docs/benchmarks/gpu_ttft.csv
     "model": ("model", "model_shape", "shape"),
     "tokens": ("tokens", "prompt_tokens", "context_tokens", "n_tokens"),
     "full_ms": ("full_ms", "full_ttft_ms", "ttft_full_ms"),
@@ -282,7 +282,7 @@ def gpu_ttft(rows: list[dict]) -> go.Figure:
 
 
 def load_quality_csv(path: str | Path) -> list[dict] | None:
-    """Rows of docs/h200_quality.csv (blend vs full prefill on real weights), or None if missing."""
+    """Rows of docs/benchmarks/gpu_quality.csv (blend vs full prefill on real weights), or None if missing."""
     path = Path(path)
     if not path.exists():
         return None

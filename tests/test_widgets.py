@@ -318,9 +318,9 @@ def test_gpu_chart_has_one_plain_line_and_a_line_per_path_with_its_crossover(tmp
 
 
 def test_committed_gpu_measurements_parse():
-    path = corpus.CORPUS_DIR.parent / "docs" / "h200_ttft.csv"
+    path = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv"
     if not path.exists():
-        pytest.skip("docs/h200_ttft.csv not there yet (notebook 03 says so)")
+        pytest.skip("docs/benchmarks/gpu_ttft.csv not there yet (notebook 03 says so)")
     rows = plots.load_gpu_csv(path)
     assert rows and all(r["tokens"] > 0 and r["speedup"] > 0 for r in rows)
 
@@ -338,7 +338,7 @@ def test_f1():
 
 
 def test_gpu_quality_chart_from_the_committed_csv():
-    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "h200_quality.csv")
+    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_quality.csv")
     fig = plots.gpu_quality(rows)
     names = list(fig.data[0].y)
     old, new = "1x H200, stored prefix SEP chunk", "1x H100, stored chunk alone"  # issue 9's precompute fix
