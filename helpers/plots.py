@@ -345,6 +345,21 @@ def model_crossover(fit: dict, rows: list[dict]) -> float | None:
     return None
 
 
+def cost_models(rows: list[dict]) -> list[dict]:
+    """One fitted cost model per card, shape and blend path of `rows` (best `latest_runs`' rows),
+    with the crossover measured and the one the model predicts (None: wins at every length)."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        g = sorted((r for r in rows if r["label"] == label), key=lambda r: r["tokens"])
+        fit = fit_cost_model(g)
+        out.append({"run": label, "date": g[0].get("date"), "fixed cost c (ms)": round(fit["c_ms"], 1),
+                    "r (share of a prefill)": round(fit["r"], 3),
+                    "KV load l (ms per 1K tokens)": round(fit["l_ms_per_1k"], 2),
+                    "model error (ms, RMS)": round(fit["rmse_ms"], 1),
+                    "crossover measured": crossover(g), "crossover, model": model_crossover(fit, g)})
+    return out
+
+
 def cost_model(rows: list[dict], card: str | None = None) -> go.Figure:
     """Measured blend TTFT (markers) against the fitted cost model (lines), one colour per blend
     path and model shape of one card (`rows`: `latest_runs`' rows; `card`: the first one's if None)."""
