@@ -178,3 +178,15 @@ def test_notebooks_are_thin(path):
     for c in nb.cells:
         if c.cell_type == "code":
             assert not any(line.startswith(("def ", "class ")) for line in c.source.splitlines()), c.source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_teach(path):
+    """Objectives first; a recap and two or three exercises at the end (before the results cells)."""
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and "**What you will learn**" in nb.cells[0].source
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Recap" in text and "## Exercises" in text
+    exercises = text.split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    numbered = [line for line in exercises.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+    assert 2 <= len(numbered) <= 3
