@@ -170,5 +170,9 @@ def test_readme_quality_figures_are_csv_rows():
     assert f"{gain:.1f}x smaller" in README
 
 
+def test_gpu_md_is_for_users():
+    assert len(GPU_MD.splitlines()) <= 300
+
+
 def test_store_size_of_the_published_numbers_is_said():
     assert "--gpu-kv-store-gb 6" in README and "--gpu-kv-store-gb 6" in GPU_MD
