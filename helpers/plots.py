@@ -171,13 +171,14 @@ def ttft_boxes(rows: list[dict]) -> go.Figure:
 
 
 def speedup(summary: list[dict], gpu: list[dict] | None = None) -> go.Figure:
-    """Median speed-up (full TTFT / blend TTFT) against prompt tokens; GPU rows drawn alongside."""
+    """Median speed-up (full TTFT / blend TTFT) against prompt tokens on this machine; GPU rows
+    (`load_gpu_csv`, best through `latest_runs`) drawn alongside, one line per card, shape and path."""
     fig = go.Figure(go.Scatter(x=[s["tokens"] for s in summary], y=[s["speedup"] for s in summary],
                                name="this machine", mode="lines+markers", line_color=COLORS["blend"]))
-    for model in dict.fromkeys(g["model"] for g in gpu or []):
-        g = sorted((r for r in gpu if r["model"] == model), key=lambda r: r["tokens"])
+    for label in dict.fromkeys(g["label"] for g in gpu or []):
+        g = sorted((r for r in gpu if r["label"] == label), key=lambda r: r["tokens"])
         fig.add_scatter(x=[r["tokens"] for r in g], y=[r["speedup"] for r in g], mode="lines+markers",
-                        name=f"measured on H200: {model}", line_dash="dot")
+                        name=f"measured: {label}", line_dash="dot")
     fig.add_hline(y=1, line_dash="dash", line_color="gray", annotation_text="no gain")
     return _layout(fig, "TTFT speed-up of blending (full / blend)", xaxis_title="prompt tokens",
                    yaxis_title="speed-up (x)", yaxis_rangemode="tozero")
@@ -207,22 +208,29 @@ def rag_trace(rows: list[dict]) -> go.Figure:
     return _layout(fig, "A RAG trace: blend vs full prefill", height=520)
 
 
-GPU_COLUMNS = {  # our name: accepted spellings in docs/h200_ttft.csv
-    "model": ("model", "model_shape", "shape"),
-    "tokens": ("tokens", "prompt_tokens", "context_tokens", "n_tokens"),
-    "full_ms": ("full_ms", "full_ttft_ms", "ttft_full_ms"),
-    "blend_ms": ("blend_ms", "blend_ttft_ms", "ttft_blend_ms"),
+GPU_COLUMNS = {  # our name: accepted spellings in docs/benchmarks/gpu_ttft.csv (and older files)
+    "shape": ("model_shape", "model", "shape"),
+    "tokens": ("prompt_tokens", "tokens", "context_tokens", "n_tokens"),
+    "full_ms": ("full_ttft_ms", "full_ms", "ttft_full_ms"),
+    "blend_ms": ("blend_ttft_ms", "blend_ms", "ttft_blend_ms"),
     "speedup": ("speedup", "speed_up", "blend_speedup"),
-    "gpus": ("gpus", "gpu"),
+    "card": ("card", "gpus", "gpu"),
+    "setup": ("setup",),
     "blend_path": ("blend_path",),
+    "variant": ("variant",),
+    "ids": ("ids",),
+    "date": ("date",),
+    "run_id": ("run_id",),
+    "commit": ("commit",),
 }
 
 
 def load_gpu_csv(path: str | Path) -> list[dict] | None:
     """Rows of the GPU measurements with our column names, or None if the file does not exist.
 
-    Tolerates a few spellings of each column, as the GPU benchmark's format may still move; the
-    speed-up is computed when the file only has the two times."""
+    Tolerates a few spellings of each column (older files have `gpus` for the card and no run
+    columns); the speed-up is computed when the file only has the two times. Each row gets a
+    `label` such as "H200, 7B: fast" for charts."""
     path = Path(path)
     if not path.exists():
         return None
@@ -230,9 +238,8 @@ def load_gpu_csv(path: str | Path) -> list[dict] | None:
         raw = list(csv.DictReader(f))
     out = []
     for r in raw:
-        row = {}
-        for ours, names in GPU_COLUMNS.items():
-            row[ours] = next((r[n] for n in names if r.get(n) not in (None, "")), None)
+        row = {ours: next((r[n] for n in names if r.get(n) not in (None, "")), None)
+               for ours, names in GPU_COLUMNS.items()}
         if row["tokens"] is None or (row["speedup"] is None and None in (row["full_ms"], row["blend_ms"])):
             raise ValueError(f"{path}: cannot find the tokens and timing columns in {list(raw[0])}; "
                              f"expected e.g. {', '.join(n[0] for n in GPU_COLUMNS.values())}")
@@ -241,10 +248,26 @@ def load_gpu_csv(path: str | Path) -> list[dict] | None:
             row[k] = float(row[k]) if row[k] is not None else None
         if row["speedup"] is None:
             row["speedup"] = row["full_ms"] / row["blend_ms"]
-        row["run"] = (row["model"] or "model") + (f" ({row['gpus']})" if row["gpus"] else "")
-        row["model"] = row["run"] + (f", {row['blend_path']} blend" if row["blend_path"] else "")
+        row["shape"] = row["shape"] or "model"
+        row["card"] = row["card"] or "GPU"
+        row["run"] = f"{row['card']}, {row['shape'].split(' (')[0]}"  # one plain-vLLM line per run
+        row["label"] = row["run"] + (f": {row['blend_path']}" if row["blend_path"] else "") + \
+            (f" ({row['variant']})" if row["variant"] else "")
         out.append(row)
     return out
+
+
+def latest_runs(rows: list[dict]) -> list[dict]:
+    """The current truth of a GPU CSV: default settings (no `variant`), identical ids on both
+    engines, one engine at a time where the file says so; of those, per card, model shape and blend
+    path, the rows of the latest run (by date, then by order in the file)."""
+    keep = [r for r in rows if not r.get("variant") and r.get("ids") in (None, "identical")
+            and (r.get("setup") is None or "one engine at a time" in r["setup"])]
+    last = {}
+    for i, r in enumerate(keep):
+        key = (r["card"], r["shape"], r["blend_path"])
+        last[key] = max(last.get(key, ("", -1, None)), (r.get("date") or "", i, r.get("run_id")))
+    return [r for r in keep if r.get("run_id") == last[(r["card"], r["shape"], r["blend_path"])][2]]
 
 
 def crossover(rows: list[dict]) -> float | None:
@@ -259,30 +282,106 @@ def crossover(rows: list[dict]) -> float | None:
 
 
 def gpu_ttft(rows: list[dict]) -> go.Figure:
-    """TTFT on the GPU by prompt length: per run (model shape and GPUs), plain vLLM and one line per
-    blend path (fast, fixed, upstream), with the crossover where each path starts to win."""
+    """TTFT on the GPU by prompt length: per run (card and model shape), plain vLLM and one line per
+    blend path, labelled with the card, and the prompt length where each path starts to win. Pass
+    `latest_runs(rows)` for the current truth (a handful of lines), all rows for the history."""
     fig = go.Figure()
     dashes = {"fast": "solid", "fixed": "dash", "upstream": "dot"}
-    for run in dict.fromkeys(r.get("run", r["model"]) for r in rows):
-        g = [r for r in rows if r.get("run", r["model"]) == run and r["full_ms"] is not None]
+    for run in dict.fromkeys(r["run"] for r in rows):
+        g = [r for r in rows if r["run"] == run and r["full_ms"] is not None]
         tokens = sorted({r["tokens"] for r in g})
         full = [median([r["full_ms"] for r in g if r["tokens"] == t]) for t in tokens]
         fig.add_scatter(x=tokens, y=full, name=f"{run}: plain vLLM ({LABELS['full']})", mode="lines+markers",
                         line=dict(color=COLORS["full"]))
-        for path in dict.fromkeys(r["blend_path"] for r in g):
-            p = sorted((r for r in g if r["blend_path"] == path), key=lambda r: r["tokens"])
-            cross = crossover(p)
+        for label in dict.fromkeys(r["label"] for r in g):
+            p = sorted((r for r in g if r["label"] == label), key=lambda r: r["tokens"])
+            cross, path = crossover(p), p[0]["blend_path"]
             fig.add_scatter(x=[r["tokens"] for r in p], y=[r["blend_ms"] for r in p], mode="lines+markers",
-                            name=f"{run}: {path or ''} blend" + (f" (wins past ~{cross:,.0f} tokens)"
-                                                                 if cross else ""),
-                            line=dict(color=COLORS["blend"] if path != "upstream" else "#999999",
-                                      dash=dashes.get(path, "dot")))
-    return _layout(fig, "Measured on H100 and H200 GPUs: TTFT by prompt length", xaxis_title="prompt tokens",
+                            name=f"{label} blend" + (f" (wins past ~{cross:,.0f} tokens)" if cross else ""),
+                            line=dict(dash=dashes.get(path, "dot"),
+                                      color="#999999" if path == "upstream" else COLORS["blend"]))
+    cards = " and ".join(dict.fromkeys(r["card"] for r in rows)) or "GPUs"
+    return _layout(fig, f"Measured on {cards}: TTFT by prompt length", xaxis_title="prompt tokens",
                    yaxis_title="TTFT (ms)", yaxis_rangemode="tozero")
 
 
+# ------------------------------------------------------------------ notebook 03: a cost model of TTFT
+def fit_cost_model(rows: list[dict]) -> dict:
+    """Fit TTFT_blend = c + r x P + l x n to one run's rows of one blend path by least squares, where
+    P is the plain engine's TTFT at the same prompt (a full prefill), n the prompt tokens (in
+    thousands for `l`): `c` the fixed cost per request (ms), `r` the share of a full prefill the
+    blend still does, `l` the KV load per 1K tokens (ms), kept >= 0 (refitted without it when the
+    free fit makes it negative). Also the model's predictions and its RMS error (ms)."""
+    import numpy as np
+
+    n = np.array([r["tokens"] / 1000 for r in rows])
+    full = np.array([r["full_ms"] for r in rows])
+    y = np.array([r["blend_ms"] for r in rows])
+    cols = [np.ones_like(n), full, n]
+    coef = np.linalg.lstsq(np.c_[tuple(cols)], y, rcond=None)[0] if len(rows) >= 3 else [0, 0, -1]
+    if coef[2] < 0:
+        coef = [*np.linalg.lstsq(np.c_[tuple(cols[:2])], y, rcond=None)[0], 0.0]
+    c, r, load = (float(v) for v in coef)
+    pred = c + r * full + load * n
+    return {"c_ms": c, "r": r, "l_ms_per_1k": load, "predicted_ms": [float(v) for v in pred],
+            "rmse_ms": float(np.sqrt(np.mean((pred - y) ** 2)))}
+
+
+def model_crossover(fit: dict, rows: list[dict]) -> float | None:
+    """Prompt tokens where the fitted model says blending starts to win: the full prefill's TTFT P(n)
+    (interpolated on log tokens between the measured rows) reaches (c + l n) / (1 - r). None when it
+    already wins at the shortest prompt measured, or never within the rows."""
+    g = sorted(rows, key=lambda r: r["tokens"])
+
+    def gain(r):  # > 0 where blending wins
+        return r["full_ms"] * (1 - fit["r"]) - fit["c_ms"] - fit["l_ms_per_1k"] * r["tokens"] / 1000
+
+    if not g or gain(g[0]) >= 0:
+        return None
+    for a, b in zip(g, g[1:], strict=False):
+        if gain(a) < 0 <= gain(b):
+            t = -gain(a) / (gain(b) - gain(a))
+            return math.exp(math.log(a["tokens"]) + t * (math.log(b["tokens"]) - math.log(a["tokens"])))
+    return None
+
+
+def cost_models(rows: list[dict]) -> list[dict]:
+    """One fitted cost model per card, shape and blend path of `rows` (best `latest_runs`' rows),
+    with the crossover measured and the one the model predicts (None: wins at every length)."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        g = sorted((r for r in rows if r["label"] == label), key=lambda r: r["tokens"])
+        fit = fit_cost_model(g)
+        out.append({"run": label, "date": g[0].get("date"), "fixed cost c (ms)": round(fit["c_ms"], 1),
+                    "r (share of a prefill)": round(fit["r"], 3),
+                    "KV load l (ms per 1K tokens)": round(fit["l_ms_per_1k"], 2),
+                    "model error (ms, RMS)": round(fit["rmse_ms"], 1),
+                    "crossover measured": crossover(g), "crossover, model": model_crossover(fit, g)})
+    return out
+
+
+def cost_model(rows: list[dict], card: str | None = None) -> go.Figure:
+    """Measured blend TTFT (markers) against the fitted cost model (lines), one colour per blend
+    path and model shape of one card (`rows`: `latest_runs`' rows; `card`: the first one's if None)."""
+    card = card or (rows[0]["card"] if rows else "GPU")
+    fig = go.Figure()
+    palette = ["#1f9e89", "#999999", "#7e57c2", "#e4572e"]
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows if r["card"] == card)):
+        g = sorted((r for r in rows if r["label"] == label), key=lambda r: r["tokens"])
+        fit = fit_cost_model(g)
+        color = palette[i % len(palette)]
+        fig.add_scatter(x=[r["tokens"] for r in g], y=[r["blend_ms"] for r in g], mode="markers",
+                        marker=dict(size=9, color=color), name=f"{label}: measured")
+        fig.add_scatter(x=[r["tokens"] for r in g], y=fit["predicted_ms"], mode="lines",
+                        line=dict(color=color, dash="dash"),
+                        name=f"{label}: {fit['c_ms']:.0f} ms + {fit['r']:.2f} x prefill"
+                             + (f" + {fit['l_ms_per_1k']:.1f} ms/1K tokens" if fit["l_ms_per_1k"] else ""))
+    return _layout(fig, f"TTFT = fixed cost + r x full prefill + KV load, fitted ({card})",
+                   xaxis_title="prompt tokens", yaxis_title="blend TTFT (ms)", xaxis_type="log", height=440)
+
+
 def load_quality_csv(path: str | Path) -> list[dict] | None:
-    """Rows of docs/h200_quality.csv (blend vs full prefill on real weights), or None if missing."""
+    """Rows of docs/benchmarks/gpu_quality.csv (blend vs full prefill on real weights), or None if missing."""
     path = Path(path)
     if not path.exists():
         return None
@@ -290,13 +389,30 @@ def load_quality_csv(path: str | Path) -> list[dict] | None:
         return [{**r, "top20_kl_mean": float(r["top20_kl_mean"])} for r in csv.DictReader(f)]
 
 
+def latest_quality(rows: list[dict]) -> list[dict]:
+    """The current truth of the quality CSV: the latest GPU run's rows and the CPU engine's run on
+    as many prompts (each run's rows share a `run_id`; older files without one are kept whole)."""
+    if not rows or "run_id" not in rows[0]:
+        return rows
+    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows if r["backend"] != "embedded"})
+    if not gpu_runs:
+        return rows
+    gpu = [r for r in rows if r["run_id"] == gpu_runs[-1][1]]
+    sizes = {r["prompts"] for r in gpu if r["prompt_set"] == "qa"}
+    cpu_runs = sorted({(r["date"], r["run_id"]) for r in rows
+                       if r["backend"] == "embedded" and r["prompts"] in sizes})
+    return gpu + [r for r in rows if cpu_runs and r["run_id"] == cpu_runs[-1][1]]
+
+
 def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
     """How far each engine's first-token distribution is from a full prefill's (top-20 KL, log
-    scale), GPU and embedded side by side; the float32-vs-bf16 row is the GPU's noise floor."""
+    scale), GPU and embedded side by side; the float32-vs-bf16 row is the GPU's noise floor. Pass
+    `latest_quality(rows)` for the current run, all rows for the history."""
     g = [r for r in rows if r["prompt_set"] == prompt_set and r["engine"] != "full"]
     # runs differ in size, card and what precompute stored: every bar its own row
-    names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts" +
-             (f", {r['gpus']}, stored {r['precompute']}" if r.get("precompute") else "") + ")" for r in g]
+    names = [f"{r['backend']}: {r['engine']} ({r['prompts']} prompts, {r.get('card') or r.get('gpus')}"
+             + (f", {r['date']}" if r.get("date") else "")
+             + (f", stored {r['precompute']}" if r.get("precompute") else "") + ")" for r in g]
     colors = [COLORS["full"] if "fp32" in r["engine"] else
               "#999999" if r.get("blend_path") == "upstream" or r["engine"] == "naive_reuse" else
               COLORS["blend"] for r in g]

@@ -64,11 +64,10 @@ def _answering(name: str, port: int) -> Engine | None:
     return e
 
 
-# The sample question's context per backend. On the CPU engine blending wins at any length (3.7x at
-# 2K tokens); on the GPU, for a 7B model, the default fast path loses below about 2K tokens and
-# LMCache's own blender below 8-10K (0.73x / 0.32x at 1.8K, 2.61x / 0.97x at 8K on an H200:
-# docs/gpu.md), so the GPU engines get a context past both crossovers (about 3x on the fast path)
-# where the model's context allows it.
+# The sample question's context per backend. On the CPU engine blending wins at any length; on
+# the GPU, for a 7B model, the default fast path wins past about 1.9K tokens and LMCache's own
+# blender past about 5.6K (H200, docs/benchmarks/gpu_ttft.csv, read in docs/gpu.md), so the GPU
+# engines get a context well past both crossovers where the model's context allows it.
 SAMPLE_CHUNKS = ["encoder_flac", "protocol_rtmp", "filter_crop"]
 CONTEXT_TOKENS = {"embedded": 2_000, "vllm": 14_000}
 

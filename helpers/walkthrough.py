@@ -112,17 +112,19 @@ def rope_errors(runner: ModelRunner, ex: Example, reference, segment: int = -2) 
 
 # ------------------------------------------------------------------ step 3: deviation and selection
 def explain(runner: ModelRunner, ex: Example, ratio: float, reference: torch.Tensor,
-            check_layer: int = BLEND.check_layer) -> dict:
+            check_layer: int = BLEND.check_layer, deviation: str = BLEND.deviation) -> dict:
     """One blended prefill at `ratio`: which cached tokens it recomputes and why (their KV deviation
-    at the check layer), how long it took, and how its next token compares with `reference` (the
-    full prefill's logits). With r = 0 nothing is checked; the deviation shown is the same one any
-    r > 0 would measure."""
+    at the check layer, on V or K), how long it took, and how its next token compares with
+    `reference` (the full prefill's logits). With r = 0 nothing is checked; the deviation shown is
+    the same one any r > 0 would measure."""
     t0 = time.perf_counter()
-    out = runner.blend_prefill(ex.segments, BlendSettings(ratio, check_layer), explain=True)
+    cfg = BlendSettings(ratio, check_layer, deviation=deviation)
+    out = runner.blend_prefill(ex.segments, cfg, explain=True)
     ms = (time.perf_counter() - t0) * 1e3
     dev = out.info.get("deviation")
     if dev is None:  # r = 0 skips the check: measure it with the smallest r > 0
-        probe = runner.blend_prefill(ex.segments, BlendSettings(1e-9, check_layer), explain=True)
+        probe = runner.blend_prefill(ex.segments, BlendSettings(1e-9, check_layer, deviation=deviation),
+                                     explain=True)
         dev = probe.info["deviation"]
     n = ex.n_cached
     return {"ratio": ratio, "deviation": dev, "selected": [p for p in out.info.get("selected", []) if p < n],
@@ -204,3 +206,48 @@ def headline(rows: list[dict], ratio: float) -> dict:
     full = next(r for r in rows if r["method"] == "full")
     return {"ratio": blend["ratio"], "ttft_full_ms": full["ttft_ms"], "ttft_blend_ms": blend["ttft_ms"],
             "ttft_ratio": full["ttft_ms"] / blend["ttft_ms"], "kl": blend["kl"], "top1": blend["top1"]}
+
+
+# ------------------------------------------------------------------ the code itself, and K or V
+def source(*names: str) -> str:
+    """The source of `ModelRunner` methods by name, as a Markdown code block (notebook 02 shows the
+    engine's own code, so the text cannot drift from it)."""
+    import inspect
+    import textwrap
+
+    parts = [textwrap.dedent(inspect.getsource(getattr(ModelRunner, n))) for n in names]
+    return "```python\n" + "\n".join(parts) + "```"
+
+
+def selection_source() -> str:
+    """The lines of `ModelRunner.blend_prefill` that measure the deviation at the check layer and
+    select the tokens to recompute, as a Markdown code block."""
+    import inspect
+    import textwrap
+
+    lines = inspect.getsource(ModelRunner.blend_prefill).splitlines()
+    start = next(i for i, line in enumerate(lines) if "q, k, v = self.project(layer, h)" in line)
+    end = next(i for i, line in enumerate(lines) if "self.select_tokens(" in line)
+    return "```python\n" + textwrap.dedent("\n".join(lines[start:end + 1])) + "\n```"
+
+
+GAP_STUDY = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "blend_gap_study.csv"
+
+
+def k_or_v(path=GAP_STUDY) -> list[dict]:
+    """Top-20 KL to a full prefill at r = 0.15, selecting by V against by K, from one run of
+    `scripts/blend_gap_study.py` (the same blend function and prompts for both): one row per
+    condition measured both ways."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        cond, _, by = r["condition"].rpartition(", ")
+        by = by.split()[0]
+        if by not in ("k", "v") or not r["ratio"]:
+            continue
+        row = out.setdefault((cond, r["prompts"]), {"conditions": cond, "prompts": int(r["prompts"])})
+        row[f"by {by.upper()}"] = float(r["top20_kl_mean"])
+    return [r for r in out.values() if "by K" in r and "by V" in r]

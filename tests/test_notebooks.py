@@ -130,7 +130,7 @@ def test_02_how_blending_works():
 @pytest.mark.slow
 def test_03_benchmark(engine_ports, tmp_path):
     csv = ARTIFACTS / "03_benchmark.csv"
-    gpu_csv = tmp_path / "h200_ttft.csv"  # the GPU benchmark's format, so the GPU section runs too
+    gpu_csv = tmp_path / "gpu_ttft.csv"  # an older format (no run columns): the GPU section runs too
     gpu_csv.write_text("model_shape,gpus,target_tokens,prompt_tokens,full_ttft_ms,blend_ttft_ms,speedup\n"
                        "7b,2x H200,4000,4100,310.5,120.2,2.58\n7b,2x H200,8000,8150,720.0,210.0,3.43\n")
     res, nb = execute("03_benchmark.ipynb", **engine_ports, SIZES=[500, 1500], REPEATS=2, CSV_PATH=str(csv),
@@ -178,3 +178,15 @@ def test_notebooks_are_thin(path):
     for c in nb.cells:
         if c.cell_type == "code":
             assert not any(line.startswith(("def ", "class ")) for line in c.source.splitlines()), c.source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_teach(path):
+    """Objectives first; a recap and two or three exercises at the end (before the results cells)."""
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and "**What you will learn**" in nb.cells[0].source
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Recap" in text and "## Exercises" in text
+    exercises = text.split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    numbered = [line for line in exercises.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+    assert 2 <= len(numbered) <= 3

@@ -296,8 +296,10 @@ def test_gpu_csv(tmp_path):
     path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms\n"
                     "7b,2x H200,4000,400,100\n7b,2x H200,8000,900,200\n")
     rows = plots.load_gpu_csv(path)  # no speedup column: computed
-    assert rows[0] == {"model": "7b (2x H200)", "run": "7b (2x H200)", "tokens": 4000, "full_ms": 400.0,
-                       "blend_ms": 100.0, "speedup": 4.0, "gpus": "2x H200", "blend_path": None}
+    keys = ("run", "label", "shape", "card", "tokens", "full_ms", "blend_ms", "speedup")
+    assert {k: rows[0][k] for k in keys} == {
+        "run": "2x H200, 7b", "label": "2x H200, 7b", "shape": "7b", "card": "2x H200", "tokens": 4000,
+        "full_ms": 400.0, "blend_ms": 100.0, "speedup": 4.0}
     assert isinstance(plots.speedup([{"tokens": 500, "speedup": 2.0}], rows), go.Figure)
     assert isinstance(plots.gpu_ttft(rows), go.Figure)
     path.write_text("a,b\n1,2\n")
@@ -317,10 +319,55 @@ def test_gpu_chart_has_one_plain_line_and_a_line_per_path_with_its_crossover(tmp
     assert plots.crossover([{"tokens": 2000, "speedup": 2.0}]) is None
 
 
+def test_latest_runs_are_the_current_truth():
+    """Notebook 03's default charts: the latest run per card, shape and path, at most 8 traces, no
+    variant, labelled with their card; the speed-up chart never calls an H100 row an H200's."""
+    rows = plots.load_gpu_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv")
+    latest = plots.latest_runs(rows)
+    assert {(r["card"], r["shape"].split()[0], r["blend_path"], r["run_id"]) for r in latest} == {
+        ("H200", "7B", "fast", "2026-12-07_h200_7b_fast-upstream"),
+        ("H200", "7B", "upstream", "2026-12-07_h200_7b_fast-upstream"),
+        ("H200", "34B", "fast", "2026-12-06_h200_34b_fast"),
+        ("H100", "7B", "fast", "2026-12-07_h100_7b_fast-upstream"),
+        ("H100", "7B", "upstream", "2026-12-07_h100_7b_fast-upstream")}
+    ttft = plots.gpu_ttft(latest)
+    assert len(ttft.data) <= 8 and all(t.name.startswith(("H200", "H100")) for t in ttft.data)
+    speed = plots.speedup([{"tokens": 500, "speedup": 2.0}], latest)
+    assert len(speed.data) <= 8
+    for t in speed.data[1:]:
+        card = "H100" if "H100" in t.name else "H200"
+        assert all(r["card"] == card for r in latest if r["label"] in t.name)
+    assert len(plots.gpu_ttft(rows).data) > 8  # the history, when asked for
+
+
+def test_cost_model_fits_the_measured_rows():
+    """TTFT = c + r x prefill + l x tokens recovers made-up parameters, keeps l >= 0, and on the
+    committed runs explains the crossover: LMCache's blender pays about three times the fast path's
+    fixed cost, and the model's crossover is the measured one."""
+    made = [{"tokens": n, "full_ms": 0.03 * n + 1e-6 * n * n} for n in (2000, 4000, 8000, 16000)]
+    for r in made:
+        r["blend_ms"] = 40 + 0.2 * r["full_ms"] + 0.5 * r["tokens"] / 1000
+    fit = plots.fit_cost_model(made)
+    assert abs(fit["c_ms"] - 40) < 1e-6 and abs(fit["r"] - 0.2) < 1e-9
+    assert abs(fit["l_ms_per_1k"] - 0.5) < 1e-6
+    csv_path = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv"
+    rows = [r for r in plots.latest_runs(plots.load_gpu_csv(csv_path)) if r["shape"].startswith("7B")]
+    for card in ("H200", "H100"):
+        fast, up = ([r for r in rows if r["card"] == card and r["blend_path"] == p]
+                    for p in ("fast", "upstream"))
+        f_fast, f_up = plots.fit_cost_model(fast), plots.fit_cost_model(up)
+        assert f_fast["l_ms_per_1k"] >= 0 and f_up["l_ms_per_1k"] >= 0
+        assert 2.5 < f_up["c_ms"] / f_fast["c_ms"] < 3.5  # docs/gpu.md: "about three times"
+        assert 0.15 < f_fast["r"] < 0.35 and f_fast["rmse_ms"] < 10
+        cross = plots.model_crossover(f_up, up)
+        assert cross and abs(cross / plots.crossover(up) - 1) < 0.25
+    assert len(plots.cost_model(plots.latest_runs(plots.load_gpu_csv(csv_path)), "H200").data) <= 8
+
+
 def test_committed_gpu_measurements_parse():
-    path = corpus.CORPUS_DIR.parent / "docs" / "h200_ttft.csv"
+    path = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv"
     if not path.exists():
-        pytest.skip("docs/h200_ttft.csv not there yet (notebook 03 says so)")
+        pytest.skip("docs/benchmarks/gpu_ttft.csv not there yet (notebook 03 says so)")
     rows = plots.load_gpu_csv(path)
     assert rows and all(r["tokens"] > 0 and r["speedup"] > 0 for r in rows)
 
@@ -338,15 +385,17 @@ def test_f1():
 
 
 def test_gpu_quality_chart_from_the_committed_csv():
-    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "h200_quality.csv")
-    fig = plots.gpu_quality(rows)
-    names = list(fig.data[0].y)
-    old, new = "1x H200, stored prefix SEP chunk", "1x H100, stored chunk alone"  # issue 9's precompute fix
+    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_quality.csv")
+    names = list(plots.gpu_quality(rows).data[0].y)  # the history: every run
+    old, new = "H200, 2026-11-29, stored prefix SEP chunk", "H100, 2026-12-06, stored chunk alone"
     for name in (f"vllm: fixed_0.15 (34 prompts, {old})", f"vllm: full_fp32 (121 prompts, {old})",
                  f"vllm: fast_0.15 (121 prompts, {old})", f"vllm: fast_0.15 (121 prompts, {new})",
-                 "embedded: blend_0.15 (34 prompts)"):
+                 "embedded: blend_0.15 (34 prompts, CPU, 2026-11-29)"):
         assert name in names
     assert len(set(names)) == len(names)  # every bar its own row
+    current = list(plots.gpu_quality(plots.latest_quality(rows)).data[0].y)  # the latest GPU run + the CPU's
+    assert f"vllm: fast_0.15 (121 prompts, {new})" in current and not any(old in n for n in current)
+    assert "embedded: blend_0.15 (121 prompts, CPU, 2026-11-29)" in current and len(current) == 13
     assert plots.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
 
 
