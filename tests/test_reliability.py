@@ -1,4 +1,4 @@
-"""The engines under hostile or careless use (issue 14): a damaged chunk-KV cache, oversized and
+"""The engines under hostile or careless use: a damaged chunk-KV cache, oversized and
 malformed requests, abandoned clients, foreign web pages, racing launchers, frozen engines.
 
 Most server checks run against the real app with a stand-in generator (no model: fast); the few

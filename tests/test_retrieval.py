@@ -10,7 +10,7 @@ from helpers.corpus import load_chunks, load_qa
 from helpers.retrieval import Retriever, build_retriever, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
-RECALL_FLOOR = 0.85  # issue 11: BM25 top-4 holds the gold chunk for >= 85% of the QA questions
+RECALL_FLOOR = 0.85  # BM25 top-4 holds the gold chunk for >= 85% of the QA questions
 
 
 def recall_at(retriever: Retriever, k: int) -> float:
