@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     except EngineError as err:  # e.g. an unusable run folder
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `status | head`: the reader left
+        return 1
 
 
 def bad_arguments(args) -> str | None:

@@ -80,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ap.prog}: error: " + ("-k must be at least 1" if args.k < 1 else "the question is empty"),
               file=sys.stderr)
         return 2
-    from .documents import DocumentsError
+    import warnings
+
+    from .documents import DocumentsError, DocumentsWarning
 
     try:
-        retriever = build_retriever(args.docs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DocumentsWarning)
+            retriever = build_retriever(args.docs)
+        for w in caught:
+            print(f"note: {w.message}", file=sys.stderr)
     except DocumentsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
