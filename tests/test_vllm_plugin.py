@@ -13,6 +13,7 @@ import torch
 
 from helpers.gpu import fast_blend as fb
 from helpers.gpu import plugin as vp
+from helpers.selection import select_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -366,10 +367,12 @@ def test_select_tokens_counts_cached_tokens_and_always_takes_gaps():
     new = torch.zeros(20, 4)
     new[[2, 5, 11]] = torch.tensor([[3.0], [1.0], [2.0]])  # the cached tokens that deviate most
     gaps = torch.tensor([7, 8, 19])  # separators / uncached: always recomputed
-    sel = fb.select_tokens(new, old, gaps, ratio=0.15)  # ceil(0.15 * 17) = 3 cached tokens
+    dev = fb.deviation(new, old)
+    sel = select_tokens(dev, 0.15, gaps)  # ceil(0.15 * 17) = 3 cached tokens
     assert sel.tolist() == [2, 5, 7, 8, 11, 19]
-    assert fb.select_tokens(new, old, gaps, ratio=1.0).tolist() == list(range(20))
-    assert fb.select_tokens(new, old, None, ratio=0.01).tolist() == [2]
+    assert select_tokens(dev, 1.0, gaps).tolist() == list(range(20))
+    assert select_tokens(dev, 0.01, None).tolist() == [2]  # any ratio > 0: at least one
+    assert select_tokens(dev, 0.0, gaps).tolist() == [7, 8, 19]  # ratio 0: the uncached only
 
 
 class FakeRotary:

@@ -46,6 +46,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..selection import select_tokens
+
 log = logging.getLogger("vllm.kvblend_plugin")
 
 STORE_ENV = "KVBLEND_GPU_KV_STORE_GB"
@@ -426,15 +428,9 @@ def embed(model, ids):
     return model.model.embed_tokens(ids)
 
 
-def select_tokens(fresh, cached, gaps, ratio: float):
-    """Sorted rows to recompute past the check layer: every gap row (no cached KV: the separators)
-    and the ceil(ratio x cached rows) cached rows whose fresh K (or V) deviates most from the cached."""
-    deviation = ((fresh.float() - cached.float()) ** 2).sum(dim=1)
-    n_gaps = 0 if gaps is None else gaps.numel()
-    if n_gaps:
-        deviation[gaps] = float("inf")
-    n = min(deviation.numel(), n_gaps + max(1, math.ceil(ratio * (deviation.numel() - n_gaps))))
-    return torch.sort(torch.topk(deviation, n).indices).values
+def deviation(fresh, cached) -> torch.Tensor:
+    """Each token's squared distance between fresh and cached K (or V), [tokens, kv_dim] -> [tokens]."""
+    return ((fresh.float() - cached.float()) ** 2).sum(dim=1)
 
 
 class StoreFull(Exception):
@@ -558,7 +554,7 @@ class FastBlender:
             else:  # the check layer: which cached tokens deviate most from a fresh computation?
                 fresh, old = (v, self.store.cached(i, 1, index)) if self.deviation == "v" else \
                     (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
-                selected = select_tokens(fresh, old, gaps, self.ratio)
+                selected = select_tokens(deviation(fresh, old), self.ratio, gaps)
                 q, residual = q[selected], residual[selected]
                 mask = exact_causal_mask(selected, n_all, self.split_for(n_all))
                 out = attend_selected(q, keys, values, mask, attn.attn.impl.scale)

@@ -179,7 +179,8 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     recompute are selected; past it only they are computed and overwrite their cached rows."""
     import torch
 
-    from .fast_blend import select_tokens
+    from ..selection import select_tokens
+    from .fast_blend import deviation as token_deviation
 
     old_k, old_v = self.gpu_connector.get_kv(layer_id)
     if attn_output is None:
@@ -198,7 +199,7 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata):
     if layer_id in self.common_metadata.check_layers:
         gaps = self.gpu_connector.current_gap_positions  # the separators: rows nothing cached
         fresh, cached = (v, old_v) if deviation() == "v" else (k, old_k)
-        selected = select_tokens(fresh, cached, gaps, self.common_metadata.recomp_ratios[0])
+        selected = select_tokens(token_deviation(fresh, cached), self.common_metadata.recomp_ratios[0], gaps)
         self.metadata.imp_indices = selected
         self.metadata.positions = self.metadata.positions[selected]
         attn_metadata.update_from_top_indices(selected)
