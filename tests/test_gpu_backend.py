@@ -14,6 +14,7 @@ from helpers import prompts, runtime
 from helpers.gpu import launch as gpu
 from helpers.gpu import plugin
 from helpers.runtime import EngineError
+from helpers.settings import GpuBlendSettings
 
 MISTRAL = {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768}
 LLAMA_LONG = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 200000}
@@ -155,20 +156,20 @@ def test_engines_two_gpus(ready):
     assert (blend.env["CUDA_VISIBLE_DEVICES"], full.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
     assert plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
     assert not plugin.blending_enabled(full.env)
-    assert blend.env["KVBLEND_BLEND_PATH"] == "fast" and "KVBLEND_BLEND_PATH" not in full.env
+    assert GpuBlendSettings.from_env(blend.env).path == "fast" and GpuBlendSettings.ENV not in full.env
 
 
 def test_blend_path_and_store_reach_the_blend_engine(ready):
     model = model_dir(ready, MISTRAL)
     blend, _ = gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=6)
-    assert (blend.env["KVBLEND_BLEND_PATH"], blend.env["KVBLEND_GPU_KV_STORE_GB"]) == ("fast", "6")
-    assert plugin.blend_path(blend.env) == "fast"
+    assert GpuBlendSettings.from_env(blend.env) == GpuBlendSettings(path="fast", store_gb=6)
     with pytest.raises(runtime.EngineError, match="--blend-path must be one of"):
         gpu.engines(model, 8000, 8001, blend_path="quick")
     with pytest.raises(runtime.EngineError, match="--gpu-kv-store-gb must be > 0"):
         gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=0)
     # a second blend engine for comparisons gets its own LMCache config and short socket folder
-    other = gpu.blend_engine("upstream", 8011, model, blend_path="upstream", gpu_memory_utilization=0.2,
+    other = gpu.blend_engine("upstream", 8011, model, settings=GpuBlendSettings(path="upstream"),
+                             gpu_memory_utilization=0.2,
                              max_model_len=4096)
     assert other.env["LMCACHE_CONFIG_FILE"].endswith("lmcache-upstream.yaml")
     assert len(other.env["VLLM_RPC_BASE_PATH"]) < 40
@@ -316,7 +317,7 @@ def test_precompute_posts_ids(monkeypatch):
     # question, so that LMCache's lookup (which drops a wholly cached prompt's last token) still finds
     # the whole chunk segment
     sent.clear()
-    fast = runtime.Engine("blend", 8000, "vllm", model="m", env={"KVBLEND_BLEND_PATH": "fast"})
+    fast = runtime.Engine("blend", 8000, "vllm", model="m", env=GpuBlendSettings(path="fast").to_env())
     res = gpu.precompute(fast, ["ab", "cde"], progress=False, system="S")
     second = sent[3:]
     want = [prompts.chat_prompt_ids(tok, [t], gpu.PRIME_QUESTION, "S") for t in ("ab", "cde")]
@@ -465,21 +466,6 @@ def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
                                     variants=gpu_validate.FLEX_VARIANTS[:1], autotune=True)
     assert quick["ok"] and quick["variants"] == ["{}"] and "variant_1_ms" not in quick["96x15"]
     assert quick["96x15"]["autotune_err"] < 0.05 and quick["autotune_over_default"] > 0
-
-
-def test_flex_autotune_switch_compiles_with_triton_autotuning(monkeypatch):
-    """KVBLEND_FLEX_AUTOTUNE=1 (the A/B `flex --autotune` times) reaches torch.compile; unset, torch's
-    fixed choice."""
-    from helpers.gpu import fast_blend as fb
-
-    seen = []
-    monkeypatch.setattr(fb.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
-    for value, mode in (("1", "max-autotune-no-cudagraphs"), ("", None)):
-        monkeypatch.setenv(fb.AUTOTUNE_ENV, value)
-        monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
-        fb.flex_attention_fn("cuda")
-        assert seen[-1] == {"dynamic": True, "mode": mode}
-    monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
 
 
 def test_device_step_script_parses_and_names_its_steps(tmp_path):
