@@ -4,6 +4,7 @@ as LMCache's segment matcher splits them. No GPU, vLLM or LMCache needed."""
 
 import json
 import os
+import re
 from importlib import metadata
 
 import pytest
@@ -390,13 +391,13 @@ def test_extra_blend_engines_socket_paths_fit_in_107_bytes(tmp_path, monkeypatch
 
 
 def test_python_time_attributes_host_time_to_functions(tmp_path):
-    """scripts/gpu_validate.py reads a torch profiler trace's Python calls: a function's self time is
+    """scripts/bench_ttft.py reads a torch profiler trace's Python calls: a function's self time is
     its own, its callees' taken out, per thread; totals include callees."""
     import gzip
     import sys
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_ttft
 
     def call(name, ts, dur, tid=1):
         return {"cat": "python_function", "ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
@@ -408,7 +409,7 @@ def test_python_time_attributes_host_time_to_functions(tmp_path):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
     rows = {line.split()[-1]: [float(x) for x in line.split()[:2]]
-            for line in gpu_validate.python_time(trace).splitlines()[1:]}
+            for line in bench_ttft.python_time(trace).splitlines()[1:]}
     assert rows == {"step": [5.0, 12.0], "lookup": [3.0, 4.0], "blend": [3.0, 3.0], "hash": [1.0, 1.0]}
 
 
@@ -435,35 +436,35 @@ def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
     from types import SimpleNamespace
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_ttft
 
     for out, want in (("NVIDIA H100 80GB HBM3\n", "H100"), ("NVIDIA H200\n", "H200"), ("", "GPU")):
         monkeypatch.setattr(subprocess, "run", lambda *a, out=out, **k: SimpleNamespace(stdout=out))
-        assert gpu_validate.gpu_name() == want
+        assert bench_ttft.gpu_name() == want
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
-    """`gpu_validate.py flex` at small shapes: every layout and option set it times gives the dense
+    """`bench_attention.py flex` at small shapes: every layout and option set it times gives the dense
     reference's answer, both gathers the same rows, and it writes the fields docs/gpu.md reads
     (device time is scarce: a crash there costs a session's run)."""
     import sys
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_attention
 
     shapes = ((40, 3), (96, 15), (700, 256))  # the last: two q-blocks, the second with a prefix
-    res = gpu_validate.flex_check(tmp_path / "flex.json", device="cpu", shapes=shapes,
+    res = bench_attention.flex_check(tmp_path / "flex.json", device="cpu", shapes=shapes,
                                   gather={"sizes": (64, 128), "rows": 400})
     assert res["ok"] and json.loads((tmp_path / "flex.json").read_text())["best"] == res["best"]
     for shape in ("40x3", "96x15", "700x256"):
         assert all(res[shape][f"{way}_err"] < 0.05 for way in ("views", "flash", "flash16"))
-        assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
+        assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(bench_attention.FLEX_VARIANTS)))
     assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
     assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1 and res["flash_speedup"] > 0
-    quick = gpu_validate.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
+    quick = bench_attention.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
                                     gather={"sizes": (64,), "rows": 100},
-                                    variants=gpu_validate.FLEX_VARIANTS[:1], autotune=True)
+                                    variants=bench_attention.FLEX_VARIANTS[:1], autotune=True)
     assert quick["ok"] and quick["variants"] == ["{}"] and "variant_1_ms" not in quick["96x15"]
     assert quick["96x15"]["autotune_err"] < 0.05 and quick["autotune_over_default"] > 0
 
@@ -472,9 +473,11 @@ def test_device_step_script_parses_and_names_its_steps(tmp_path):
     """scripts/device_step.sh is what each device call runs: a syntax error there costs a start."""
     import subprocess
 
-    script = str(runtime.ROOT / "scripts" / "device_step.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    script = runtime.ROOT / "scripts" / "device_step.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for args in (["bogus"], []):
-        bad = subprocess.run(["bash", script, *args], capture_output=True, text=True,
+        bad = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
                              env={**os.environ, "OUT": str(tmp_path)})
-        assert bad.returncode == 2 and "unpack p1|p2, part, tier, flex, 7b or 34b" in bad.stderr
+        assert bad.returncode == 2 and bad.stderr  # an unknown step: refused, saying why
+    for name in re.findall(r"scripts/(\w+\.(?:py|sh))", script.read_text()):  # what it runs exists
+        assert (runtime.ROOT / "scripts" / name).is_file(), name
