@@ -443,6 +443,7 @@ def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
         assert bench_ttft.gpu_name() == want
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
     """`bench_attention.py flex` at small shapes: every layout and option set it times gives the dense
