@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.setup-test-stamp
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 EXTRAS := $(if $(filter-out 0 1,$(GPUS)),gpu,cpu)
 
-.PHONY: setup setup-test lab test lint engines stop strip clean
+.PHONY: setup setup-test lab test check lint engines stop strip clean
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
@@ -46,6 +46,11 @@ lab: setup
 test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -rs
+
+# The fast lane: lint and the tests that need no model, no engine, no notebook, no browser, no GPU
+check: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not model and not engines and not notebook and not ui and not gpu and not slow"
 
 lint: setup-test
 	$(BIN)/ruff check .

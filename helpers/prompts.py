@@ -54,11 +54,6 @@ def split_segments(text: str) -> list[str]:
     return [s for s in text.split(SEP) if s]
 
 
-def strip_separators(text: str) -> str:
-    """The same prompt as one plain text, for engines that know nothing of segments."""
-    return " ".join(split_segments(text))
-
-
 def chat_segments(runner, chunks: list[str], question: str, system: str = DEFAULT_SYSTEM) -> list[list[int]]:
     """Token ids per segment of a RAG chat prompt, exactly as the embedded server's chat endpoint
     builds them (`runner` is a ModelRunner: its tokenizer and per-segment tokenization)."""

@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -289,21 +288,16 @@ def health(e: Engine, timeout: float = 2.0) -> dict | None:
         return None
 
 
+LABEL_ENV = "KVBLEND_BLEND_LABEL"  # a blend engine's settings in words, as its launcher recorded them
+
+
 def blend_settings(e: Engine) -> str:
     """"ratio R, check layer L" (and the blend path on vLLM) of a blend engine; "" when unknown.
-    The embedded engine reports them on /health; a vLLM engine's come from its LMCache YAML and its
-    environment (KVBLEND_BLEND_PATH), as our launcher wrote them."""
+    The embedded engine reports them on /health; the GPU launcher records them with the engine."""
     h = health(e) or {}
     if "ratio" in h:
         return f"ratio {h['ratio']}, check layer {h['check_layer']}"
-    env = e.env or {}
-    try:
-        text = Path(env["LMCACHE_CONFIG_FILE"]).read_text()
-        ratio = re.search(r"^blend_recompute_ratios:\s*\[([^\]]+)\]", text, re.M).group(1)
-        layer = re.search(r"^blend_check_layers:\s*\[([^\]]+)\]", text, re.M).group(1)
-    except (KeyError, OSError, AttributeError):
-        return ""
-    return f"ratio {ratio}, check layer {layer}, {env.get('KVBLEND_BLEND_PATH', 'fast')} path"
+    return (e.env or {}).get(LABEL_ENV, "")
 
 
 def log_tail(e: Engine, n: int = 25) -> str:

@@ -141,11 +141,6 @@ class StreamPanes(anywidget.AnyWidget):
             if first or ans.done or self.clock() - self._last >= self.interval:
                 self._flush()
 
-    def show_error(self, name: str, message: str) -> None:
-        with self._lock:
-            self._pending[name] = {"state": "error", "error": message}
-            self._flush()
-
     def _get(self, name: str) -> dict:
         return next((p for p in self.panes if p["name"] == name), {})
 

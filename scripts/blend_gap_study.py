@@ -1,10 +1,10 @@
-"""Why does GPU blending at ratio 0.15 score worse than the embedded engine? (issue 9's last bound)
+"""Why does GPU blending at ratio 0.15 score worse than the embedded engine?
 
 On 121 QA prompts the GPU fast/fixed paths give top-20 KL 0.0322 to a bf16 full prefill, the CPU
 engine 0.0218 to its own: the bound (1.2 x embedded + floor = 0.0277) is missed. The two blend the
 same way but differ in four conditions. This script replays the GPU's conditions one at a time on
-the CPU, on the same prompts, with one blend function (the fast path's algorithm on transformers'
-layers) and scores each against a full prefill of the same ids in the same dtype:
+the CPU, on the same prompts, through the embedded engine's blend (`ModelRunner.blend_cached`, the
+fast path's algorithm) and scores each against a full prefill of the same ids in the same dtype:
 
 - seps:  the GPU prompt keeps LMCache's separator ids between segments; the blend always recomputes
          them (they are never cached). The embedded engine never feeds them to the model.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import math
 import statistics
 import sys
 import time
@@ -38,44 +37,19 @@ sys.path.insert(0, str(ROOT))
 from helpers.embedded.blend import ModelRunner  # noqa: E402
 from helpers.metrics import kl, topk_kl  # noqa: E402
 from helpers.prompts import chat_segment_ids, separator_ids  # noqa: E402
+from helpers.settings import BlendSettings  # noqa: E402
 from helpers.walkthrough import load_runner  # noqa: E402
 from scripts.gpu_quality import prompt_sets, top_logprobs  # noqa: E402
 
 
-@torch.inference_mode()
 def blend(runner: ModelRunner, ids: list[int], kv: torch.Tensor, gap: torch.Tensor, ratio: float,
-          deviation: str, check: int = 1) -> torch.Tensor:
-    """The fast path's algorithm (helpers/gpu/fast_blend.py) on transformers' layers: next-token logits.
+          deviation: str) -> torch.Tensor:
+    """The engine's blend (`ModelRunner.blend_cached`) with the GPU's layout: next-token logits.
 
     kv [layers, 2, kv_heads, n, d]: every token's cached K (pre-rotary) and V; rows where `gap` is
-    True have none (separators, the question) and are always recomputed. Layers below `check` run
-    for all tokens; at `check` the gap rows plus the ceil(ratio x cached) cached rows whose fresh K
-    or V deviates most are selected, and every token keeps its fresh K/V; past it only the selected
-    rows are computed and overwrite their cached K/V, the rest keep the cached K/V re-rotated."""
-    n = len(ids)
-    pos = torch.arange(n)
-    cos, sin = runner.rope(pos)
-    k_cache, v_cache = runner.new_cache(n, 0)
-    h = runner.model.model.embed_tokens(torch.tensor(ids))
-    h = runner.forward_layers(h, pos, cos, sin, k_cache, v_cache, n, range(check))
-    layer = runner.layers[check]
-    q, k, v = runner.project(layer, h)
-    fresh, old = (v, kv[check, 1]) if deviation == "v" else (k, kv[check, 0])
-    dev = ((fresh.float() - old.float()) ** 2).sum(dim=(0, 2))
-    dev[gap] = float("inf")
-    n_gap = int(gap.sum())
-    take = min(n, n_gap + max(1, math.ceil(ratio * (n - n_gap))))
-    sel = torch.sort(torch.topk(dev, take).indices).values
-    q, k = runner.rotate(q, k, cos, sin)
-    k_cache[check][:] = k
-    v_cache[check][:] = v
-    h = runner.finish(layer, h[sel], q[:, sel], k_cache[check], v_cache[check], sel, n)
-    for i in range(check + 1, runner.n_layers):
-        k_cache[i][:] = runner.rotate_k(kv[i, 0], cos, sin)
-        v_cache[i][:] = kv[i, 1]
-    h = runner.forward_layers(h, sel, cos[:, sel], sin[:, sel], k_cache, v_cache, n,
-                              range(check + 1, runner.n_layers))
-    return runner.logits(h[-1])
+    True have none (separators, the question) and are always recomputed."""
+    uncached = torch.nonzero(gap).squeeze(1)
+    return runner.blend_cached(ids, kv, uncached, BlendSettings(ratio=ratio, deviation=deviation)).logits
 
 
 class Conditions:

@@ -7,7 +7,7 @@
 #   [.gpu/wc]                     bash scripts/device_step.sh part
 #   [.gpu/wd]                     bash scripts/device_step.sh tier  (joins the parts, runs `pytest -m gpu`)
 #   []                  bash scripts/device_step.sh flex [--variants 1]  (the attention and gather A/Bs)
-#   []                  bash scripts/device_step.sh 7b|34b [more gpu_validate.py device options]
+#   []                  bash scripts/device_step.sh 7b|34b [more bench_ttft.py options]
 # Each step tees its log into $OUT and ends inside the call's 600 s, so a long run still returns it.
 # The 7b/34b runs need a tokenizer: the weights (after `tier`) or, for timings alone, `.gpu/tok`
 # (device_env.sh links it where the dummy-weight folders look): [.gpu/p1, .gpu/tok] unpack p1;
@@ -38,10 +38,10 @@ case $step in
       python3 -m pytest -m gpu tests/gpu -rs -x -q 2>&1 | tee "$OUT/tier.log" ;;
   flex)
     source scripts/device_env.sh
-    timeout 560 python3 scripts/gpu_validate.py flex "$OUT/flex.json" "$@" 2>&1 | tee "$OUT/flex.log" ;;
+    timeout 560 python3 scripts/bench_attention.py "$OUT/flex.json" "$@" 2>&1 | tee "$OUT/flex.log" ;;
   7b | 34b)
     source scripts/device_env.sh
     if [ "$step" = 7b ]; then size=(--store-gb 6 --profile 32768); else size=(--store-gb 12 --cpu-gb 16); fi
-    timeout 570 python3 scripts/gpu_validate.py device --shape "$step" --out "$OUT/r$step" --paths fast,upstream \
+    timeout 570 python3 scripts/bench_ttft.py --shape "$step" --out "$OUT/r$step" --paths fast,upstream \
       --one-at-a-time "${size[@]}" "$@" 2>&1 | tee "$OUT/run_$step.log" ;;
 esac

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helpers import metrics  # noqa: E402 (torch-free)
+from helpers.settings import GpuBlendSettings  # noqa: E402
 
 RATIOS = (0.05, 0.15, 0.3, 1.0)
 # blend engines to compare: (blend path, ratio[, deviation k or v]); "upstream" is LMCache's blender
@@ -127,9 +128,9 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
                for name, port, dtype in (("full", 8100, "bfloat16"), ("full_fp32", 8101, "float32"))]
     for i, spec in enumerate(blends):
         path, ratio, dev = (*spec, "k")[:3]
-        engines.append(gb.blend_engine(blend_name(spec), 8110 + i, model, blend_path=path, ratio=ratio,
-                                       gpu_kv_store_gb=1.0, cpu_cache_gb=2.0, dtype="bfloat16",
-                                       env={"KVBLEND_BLEND_DEVIATION": dev}, **opts))
+        settings = GpuBlendSettings(path=path, store_gb=1.0, deviation=dev)
+        engines.append(gb.blend_engine(blend_name(spec), 8110 + i, model, settings=settings, ratio=ratio,
+                                       cpu_cache_gb=2.0, dtype="bfloat16", **opts))
     notes: dict = {"model": model, "blends": list(blends)}
     rows: list[dict] = []
     try:

@@ -44,3 +44,15 @@ def live_engines(run_dir):
                             progress=False, kv_dir=None)  # every run starts cold
     yield {e.name: e for e in started}
     engines.stop()
+
+
+# What each test needs, as markers (`make check` runs the tests that need none of them): a fixture
+# that loads the model or starts engines marks every test that uses it; modules mark themselves.
+NEEDS = {"model": "model", "live_engines": "engines", "engine_ports": "notebook"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, marker in NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)

@@ -10,6 +10,7 @@ from helpers.embedded.blend import ContextTooLong, ModelRunner
 from helpers.embedded.kvstore import ChunkKVStore, chunk_key
 from helpers.metrics import kl
 from helpers.prompts import chat_segments
+from helpers.selection import select_tokens
 from helpers.settings import BlendSettings
 
 
@@ -70,10 +71,12 @@ def test_rerotated_chunk_key_equals_key_computed_at_offset(runner, prompt):
 
 
 def test_selection_counts(runner):
-    dev = torch.tensor([0.0, 5.0, 1.0, 3.0, 2.0])
-    sel = ModelRunner.select_tokens(dev, 0.4, n_cached=5, n_total=8)
+    dev = torch.tensor([0.0, 5.0, 1.0, 3.0, 2.0, 0.0, 0.0, 0.0])  # the last 3 uncached: ignored
+    uncached = torch.arange(5, 8)
+    sel = select_tokens(dev, 0.4, uncached)
     assert sel.tolist() == [1, 3, 5, 6, 7]  # top ceil(0.4 * 5) = 2 deviations + the 3 uncached
-    assert ModelRunner.select_tokens(dev, 0.0, 5, 8).tolist() == [5, 6, 7]
+    assert select_tokens(dev, 0.0, uncached).tolist() == [5, 6, 7]
+    assert select_tokens(dev, 0.01, uncached).tolist() == [1, 5, 6, 7]  # ratio > 0: at least one
 
 
 def test_blend_recovers_what_full_reuse_loses(runner, prompt):

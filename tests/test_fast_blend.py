@@ -1,4 +1,4 @@
-"""helpers/gpu/fast_blend.py on CPU, in float64 (or, with KVBLEND_TEST_DEVICE=cuda on a GPU, in float32
+"""helpers/gpu/fast/ on CPU, in float64 (or, with KVBLEND_TEST_DEVICE=cuda on a GPU, in float32
 with the tail replayed as CUDA graphs), over a small Llama built with vLLM's layer
 interfaces (fused-residual RMSNorm, qkv_proj/o_proj returning (out, bias), rotary_emb(positions, q,
 k), an attention impl with `do_kv_cache_update`) and LMCache's (token database, host store of
@@ -11,7 +11,6 @@ own, and says when it cannot fit; the FlexAttention block lists are exact."""
 
 import collections
 import functools
-import json
 import logging
 import math
 import os
@@ -21,8 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.gpu import fast_blend as fb
-from helpers.gpu import plugin as vp
+from helpers.gpu.fast import FastPath
+from helpers.gpu.fast import attention as at
+from helpers.gpu.fast import blender as bl
+from helpers.gpu.fast import graphs as gr
+from helpers.gpu.fast import masks as mk
+from helpers.gpu.fast import store as st
+from helpers.gpu.fast.lookup import store_first_lookup
+from helpers.settings import GPU_BLEND, GpuBlendSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 H, HEADS, KV_HEADS, D, LAYERS, VOCAB, SEP = 32, 4, 2, 16, 4, 50, (48, 49)
@@ -199,15 +204,15 @@ def blender(model, host, ratio, check_layer=1):
 
 
 def store(tokens=256):
-    return fb.ChunkStore(LAYERS, KV_HEADS * D, tokens, DTYPE, DEVICE, page=4)
+    return st.ChunkStore(LAYERS, KV_HEADS * D, tokens, DTYPE, DEVICE, page=4)
 
 
-def run_fast(model, host, ids, ratio, chunk_store=None):
+def run_fast(model, host, ids, ratio, chunk_store=None, settings=GPU_BLEND):
     """Blend `ids` with the fast path; the paged caches it wrote, as [layers, T, kv_dim] K and V."""
     caches = [torch.full((len(ids) + 8, 2, KV_HEADS, D), float("nan"), dtype=DTYPE, device=DEVICE)
               for _ in range(LAYERS)]
     slots = torch.arange(len(ids), device=DEVICE) + 8 - 3  # any slots; written where vLLM says
-    fast = fb.FastBlender(blender(model, host, ratio), chunk_store or store())
+    fast = bl.FastBlender(blender(model, host, ratio), chunk_store or store(), settings)
     assert fast.blend(ids, None, caches, slots)
     kv = torch.stack([c[slots] for c in caches])  # [layers, T, 2, kv_heads, D]
     return kv[:, :, 0].flatten(2), kv[:, :, 1].flatten(2)
@@ -253,14 +258,13 @@ def test_the_question_segment_and_separators_are_recomputed():
     close(k, want_k)  # nothing moved, the tail computed exactly
 
 
-def test_a_bucket_serves_prompts_one_after_another(monkeypatch, caplog):
+def test_a_bucket_serves_prompts_one_after_another(caplog):
     """Prompts of one bucket share the tail's buffers (on the GPU: one CUDA graph, replayed): the
     second prompt must see nothing of the first, and padding must change nothing."""
-    monkeypatch.setenv(fb.TIMING_ENV, "1")
     model, host = make_model(), Host()
     precompute(model, host, SYS + list(SEP) + CHUNK_A)
     precompute(model, host, SYS + list(SEP) + CHUNK_B)
-    fast = fb.FastBlender(blender(model, host, 1.0), store())
+    fast = bl.FastBlender(blender(model, host, 1.0), store(), GpuBlendSettings(timing=True))
     caches = [torch.empty(64, 2, KV_HEADS, D, dtype=DTYPE, device=DEVICE)
               for _ in range(LAYERS)]  # vLLM's: for good
     for ids in (SYS + list(SEP) + CHUNK_A + list(SEP) + CHUNK_B,
@@ -274,16 +278,16 @@ def test_a_bucket_serves_prompts_one_after_another(monkeypatch, caplog):
         kv = torch.stack([c[slots] for c in caches])
         close(kv[:, :, 0].flatten(2), want_k)
         close(kv[:, :, 1].flatten(2), want_v)
-    assert len(fast.tails) == 1  # both prompts in one bucket
+    assert len(fast.tails.kept) == 1  # both prompts in one bucket
     # on the GPU a prompt's times are logged when the next one starts, and the second one replays
     assert caplog.text.count("fast blend timing: ") == (2 if DEVICE == "cpu" else 1)
     assert "tail eager" in caplog.text
-    assert (next(iter(fast.tails.values())).graph is not None) == (DEVICE == "cuda")
+    assert (next(iter(fast.tails.kept.values())).graph is not None) == (DEVICE == "cuda")
 
 
 def test_long_prompts_run_unbucketed(monkeypatch):
     """Past GRAPH_MAX_TOKENS the tail runs eagerly on buffers of the prompt's own size."""
-    monkeypatch.setattr(fb, "GRAPH_MAX_TOKENS", 10)
+    monkeypatch.setattr(bl, "GRAPH_MAX_TOKENS", 10)
     model, host = make_model(), Host()
     precompute(model, host, SYS + list(SEP) + CHUNK_A)
     precompute(model, host, SYS + list(SEP) + CHUNK_B)
@@ -295,10 +299,10 @@ def test_long_prompts_run_unbucketed(monkeypatch):
 
 
 def test_buckets_are_few_and_pad_little():
-    sizes = {fb.bucket(n) for n in range(1, 40000)}
-    assert len(sizes) < 80 and all(s % fb.BLOCK == 0 for s in sizes)
+    sizes = {gr.bucket(n) for n in range(1, 40000)}
+    assert len(sizes) < 80 and all(s % mk.BLOCK == 0 for s in sizes)
     for n in (1, 127, 128, 129, 1000, 1025, 8006, 8300, 32768, 33000):
-        assert n <= fb.bucket(n) <= max(128, n * 1.125 + 128)
+        assert n <= gr.bucket(n) <= max(128, n * 1.125 + 128)
 
 
 def test_chunks_are_read_from_the_host_once_then_served_from_the_store():
@@ -314,7 +318,7 @@ def test_chunks_are_read_from_the_host_once_then_served_from_the_store():
 
 
 def test_store_evicts_least_recently_used_never_the_prompts_own():
-    s = fb.ChunkStore(1, 2, 12, torch.float32, "cpu", page=4)  # 3 pages
+    s = st.ChunkStore(1, 2, 12, torch.float32, "cpu", page=4)  # 3 pages
     a = s.allocate("a", 4)
     assert s.allocate("b", 5) is not None and len(s.free) == 0  # b takes 2 pages
     assert s.rows("a").tolist() == a.tolist()  # a used: now b is the oldest
@@ -327,7 +331,7 @@ def test_store_evicts_least_recently_used_never_the_prompts_own():
 
 
 def test_cached_rows_are_the_stored_rows_in_the_asked_order():
-    s = fb.ChunkStore(2, 3, 8, torch.float32, "cpu", page=4)
+    s = st.ChunkStore(2, 3, 8, torch.float32, "cpu", page=4)
     s.kv.copy_(torch.arange(s.kv.numel(), dtype=torch.float32).view_as(s.kv))
     index = torch.tensor([5, 0, 7, 5])
     for layer in (0, 1):
@@ -339,10 +343,10 @@ def test_fast_blend_says_no_without_hits_and_with_no_room():
     model, host = make_model(), Host()
     ids = SYS + list(SEP) + CHUNK_A
     caches = [torch.zeros(len(ids), 2, KV_HEADS, D, dtype=DTYPE, device=DEVICE) for _ in range(LAYERS)]
-    fast = fb.FastBlender(blender(model, host, 0.15), store())
+    fast = bl.FastBlender(blender(model, host, 0.15), store())
     assert not fast.blend(ids, None, caches, torch.arange(len(ids), device=DEVICE))  # nothing precomputed
     precompute(model, host, ids)
-    tiny = fb.FastBlender(blender(model, host, 0.15), store(tokens=8))
+    tiny = bl.FastBlender(blender(model, host, 0.15), store(tokens=8))
     assert not tiny.blend(ids, None, caches, torch.arange(len(ids), device=DEVICE))  # 22 tokens: no room
 
 
@@ -351,7 +355,7 @@ def test_fast_blend_says_no_without_hits_and_with_no_room():
 def test_block_lists_are_exact(n_keys, picked):
     """Every key block a q-block may see is listed (full or partial); a full one is wholly visible."""
     positions = torch.tensor(picked)
-    lists = fb.exact_causal_blocks(positions, n_keys, block=16)
+    lists = mk.exact_causal_blocks(positions, n_keys, block=16)
     kv_num, kv_idx, full_num, full_idx = (t[0, 0] for t in lists)
     for qb in range(kv_num.numel()):
         rows = positions[qb * 16:(qb + 1) * 16]
@@ -372,13 +376,13 @@ def test_exact_mask_attention_matches_causal_rows():
     n = 300
     q, k, v = (torch.randn(n, h, D, dtype=DTYPE) for h in (HEADS, KV_HEADS, KV_HEADS))
     picked = torch.tensor(sorted(set(torch.randint(0, n, (150,)).tolist()) | {0, n - 1}))
-    out = fb.attend_selected(q[picked], k, v, fb.exact_causal_mask(picked, n), D ** -0.5)
+    out = at.attend_selected(q[picked], k, v, mk.exact_causal_mask(picked, n), D ** -0.5)
     close(out, causal(q, k, v)[picked])
 
 
-@pytest.mark.parametrize("page", [fb.ONE_PAGE, 16])
+@pytest.mark.parametrize("page", [at.ONE_PAGE, 16])
 def test_split_attention_matches_causal_rows(page):
-    """KVBLEND_PREFIX_ATTENTION=flash(16): each q-block's prefix keys apart (FlashAttention on the
+    """prefix_attention flash(16): each q-block's prefix keys apart (FlashAttention on the
     GPU, its plain-PyTorch twin here), the rest through FlexAttention, merged by log-sum-exp: the
     same rows as the one exact mask, also for a q-block with no prefix; refilled in place for new
     positions (as a CUDA graph replays it), the mask equals a new one."""
@@ -386,88 +390,62 @@ def test_split_attention_matches_causal_rows(page):
     n = 700
     q, k, v = (torch.randn(n, h, D, dtype=DTYPE) for h in (HEADS, KV_HEADS, KV_HEADS))
     picked = torch.sort(torch.randperm(n)[:256]).values
-    mask = fb.exact_causal_mask(picked, n, page)
+    mask = mk.exact_causal_mask(picked, n, page)
     assert mask.prefix[0] == 0 < mask.prefix[1] and mask.cu_q.tolist() == [0, 128, 256]
     assert mask.page == (16 if page == 16 else 688)
-    close(fb.attend_selected(q[picked], k, v, mask, D ** -0.5), causal(q, k, v)[picked])
+    close(at.attend_selected(q[picked], k, v, mask, D ** -0.5), causal(q, k, v)[picked])
     other = torch.sort(torch.randperm(n)[:256]).values
     picked.copy_(other)  # as Tail.fill: the positions in place, then the mask
-    fb.refill_mask(mask, picked, n)
-    fresh = fb.exact_causal_mask(other, n, page)
+    mk.refill_mask(mask, picked, n)
+    fresh = mk.exact_causal_mask(other, n, page)
     assert torch.equal(mask.prefix, fresh.prefix)
     assert torch.equal(mask.diagonal.kv_indices, fresh.diagonal.kv_indices)
-    close(fb.attend_selected(q[other], k, v, mask, D ** -0.5), causal(q, k, v)[other])
+    close(at.attend_selected(q[other], k, v, mask, D ** -0.5), causal(q, k, v)[other])
 
 
-def test_prefix_attention_is_chosen_by_name_and_a_bad_name_says_which_exist():
-    assert fb.prefix_split({}) == (fb.ONE_PAGE, fb.SPLIT_MIN_KEYS)  # auto: long prompts only
-    assert fb.prefix_split({fb.PREFIX_ENV: "flex"}) == (0, 0)
-    assert fb.prefix_split({fb.PREFIX_ENV: "flash16"}) == (16, 0)
-    assert fb.prefix_split({fb.PREFIX_ENV: " Flash "}) == (fb.ONE_PAGE, 0)
-    with pytest.raises(ValueError, match="auto, flex, flash, flash16"):
-        fb.prefix_split({fb.PREFIX_ENV: "fa3"})
+def test_prefix_attention_is_chosen_by_name():
+    assert at.prefix_split("auto") == (at.ONE_PAGE, at.SPLIT_MIN_KEYS)  # long prompts only
+    assert at.prefix_split("flex") == (0, 0)
+    assert at.prefix_split("flash16") == (16, 0)
+    assert at.prefix_split("flash") == (at.ONE_PAGE, 0)
 
 
 @pytest.mark.parametrize("name", ["flash", "flash16", "auto"])
 def test_split_attention_blends_long_prompts_as_a_full_prefill(monkeypatch, name):
-    """The fast path with KVBLEND_PREFIX_ATTENTION set, on prompts of several q-blocks (chunks moved,
+    """The fast path with prefix_attention set, on prompts of several q-blocks (chunks moved,
     ratio 1.0, one prompt bucketed and one run unbucketed): still a full prefill, and the prefix did
     go through attend_prefix (`auto` from 300 keys here, so that this prompt is long enough)."""
-    monkeypatch.setenv(fb.PREFIX_ENV, name)
-    monkeypatch.setitem(fb.PREFIX_CHOICES, "auto", (fb.ONE_PAGE, 300))
-    calls, attend_prefix = [], fb.attend_prefix
-    monkeypatch.setattr(fb, "attend_prefix", lambda *a: calls.append(1) or attend_prefix(*a))
+    monkeypatch.setitem(at.PREFIX_CHOICES, "auto", (at.ONE_PAGE, 300))
+    calls, attend_prefix = [], at.attend_prefix
+    monkeypatch.setattr(at, "attend_prefix", lambda *a: calls.append(1) or attend_prefix(*a))
     model, host = make_model(), Host()
     long_a, long_b = CHUNK_A * 12, CHUNK_B * 15  # 204 and 165 tokens
     precompute(model, host, SYS + list(SEP) + long_a)
     precompute(model, host, SYS + list(SEP) + long_b)
     ids = SYS + list(SEP) + long_b + list(SEP) + long_a + list(SEP) + QUESTION
     want_k, want_v = full_prefill(model, ids)
-    for graph_max in (fb.GRAPH_MAX_TOKENS, 10):
-        monkeypatch.setattr(fb, "GRAPH_MAX_TOKENS", graph_max)
-        k, v = run_fast(model, host, ids, 1.0, store(tokens=512))
+    for graph_max in (bl.GRAPH_MAX_TOKENS, 10):
+        monkeypatch.setattr(bl, "GRAPH_MAX_TOKENS", graph_max)
+        k, v = run_fast(model, host, ids, 1.0, store(tokens=512), GpuBlendSettings(prefix_attention=name))
         close(k, want_k)
         close(v, want_v)
     assert calls
 
 
 def test_store_that_does_not_fit_says_what_to_change():
-    fb.check_store_fits(4, 0.4, 140e9, 15e9)  # 56 GB share, 15 GB model: fits
+    st.check_store_fits(4, 0.4, 140e9, 15e9)  # 56 GB share, 15 GB model: fits
     with pytest.raises(RuntimeError, match="Lower --gpu-kv-store-gb .* or raise --gpu-memory-utilization"):
-        fb.check_store_fits(40, 0.4, 140e9, 15e9)
-    assert fb.store_gb({}) == 4 and fb.store_gb({fb.STORE_ENV: "0.5"}) == 0.5
-    with pytest.raises(ValueError, match="number of GB"):
-        fb.store_gb({fb.STORE_ENV: "lots"})
+        st.check_store_fits(40, 0.4, 140e9, 15e9)
 
 
-def test_flex_options_come_from_json_and_a_bad_value_says_what_is_expected():
-    assert fb.flex_options({}) == {} and fb.flex_options({fb.FLEX_ENV: " "}) == {}
-    options = {"BLOCK_N": 128, "num_warps": 8}
-    assert fb.flex_options({fb.FLEX_ENV: json.dumps(options)}) == options
-    for bad in ("BLOCK_N=128", "[128]"):
-        with pytest.raises(ValueError, match="JSON object of FlexAttention kernel options"):
-            fb.flex_options({fb.FLEX_ENV: bad})
-
-
-def test_flex_attention_gets_head_major_copies_and_the_masked_answer(monkeypatch):
-    """The layout the gpu tier validated: FlexAttention's inputs are contiguous [1, heads, tokens, d]
-    copies, also when the tail passes views of wider rows (views lost at 32K keys on session 11's
-    H100s, copy included)."""
-    seen = []
-    flex = fb.flex_attention_fn("cpu")
-
-    def spy(*tensors, **kwargs):
-        seen.extend(t.is_contiguous() for t in tensors)
-        return flex(*tensors, **kwargs)
-
-    monkeypatch.setitem(fb._FLEX, "cpu", spy)
+def test_selected_attention_on_views_of_wider_rows():
+    """The tail passes q/k/v as views into one qkv row: the masked answer all the same."""
     n, n_sel = 40, 9
     torch.manual_seed(0)
     qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * D, dtype=DTYPE)
     q, k, v = (t.view(n, -1, D) for t in qkv.split([HEADS * D, KV_HEADS * D, KV_HEADS * D], dim=1))
     sel = torch.sort(torch.randperm(n)[:n_sel]).values
-    out = fb.attend_selected(q[sel], k, v, fb.exact_causal_mask(sel, n), D ** -0.5, {})
-    assert seen == [True, True, True]
+    out = at.attend_selected(q[sel], k, v, mk.exact_causal_mask(sel, n), D ** -0.5, {})
     close(out, causal(q, k, v)[sel])
 
 
@@ -487,10 +465,8 @@ def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, cap
                 raise RuntimeError("boom")
             return tokens == "fits"
 
-    monkeypatch.setattr(fb, "FastBlender", Fast)
-    monkeypatch.setitem(vp._FAST, "store", object())
-    monkeypatch.setitem(vp._FAST, "failed", False)
-    blend = vp.fast_blend(original)
+    monkeypatch.setattr(bl, "FastBlender", Fast)
+    blend = bl.wrap_blend(original, FastPath(store=object()))
     lmc = types.SimpleNamespace()
     blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
     blend(lmc, "no room", None, kvcaches=[], slot_mapping=None)
@@ -535,15 +511,14 @@ def lookup_engine(held):
         stats_monitor=types.SimpleNamespace(on_lookup_request=int, on_lookup_finished=lambda *a: None))
 
 
-def test_lookup_answers_chunks_on_the_gpu_without_asking_lmcache(monkeypatch):
+def test_lookup_answers_chunks_on_the_gpu_without_asking_lmcache():
     ids = SYS + list(SEP) + CHUNK_A + list(SEP) + CHUNK_B + list(SEP) + QUESTION
     sys_key, a_key, b_key, q_key = [key for _, _, key in segments(ids)]
     chunk_store = store()
     for key, n in ((a_key, len(CHUNK_A)), (b_key, len(CHUNK_B))):
         chunk_store.allocate(key, n)
-    monkeypatch.setitem(vp._FAST, "store", chunk_store)
-    monkeypatch.setitem(vp._FAST, "failed", False)
-    lookup = vp.store_first_lookup(lambda *a: "lmcache's own")
+    path = FastPath(store=chunk_store)
+    lookup = store_first_lookup(lambda *a: "lmcache's own", path)
     engine = lookup_engine(sys_key.split_layers(LAYERS))  # the system prompt on the host only
 
     end_of_b = len(ids) - len(SEP) - len(QUESTION)
@@ -559,7 +534,7 @@ def test_lookup_answers_chunks_on_the_gpu_without_asking_lmcache(monkeypatch):
     assert lookup(engine, list(QUESTION) + list(SEP) + CHUNK_A, lookup_id="r2", pin=True) == 0
     assert storage.pinned == [] and "r2" not in engine.lookup_pins
 
-    monkeypatch.setitem(vp._FAST, "store", store(tokens=len(CHUNK_A)))  # the prompt cannot fit
+    path.store = store(tokens=len(CHUNK_A))  # the prompt cannot fit
     assert lookup(engine, ids, lookup_id="r3", pin=True) == "lmcache's own"  # LMCache's blender: pins
-    monkeypatch.setitem(vp._FAST, "store", None)  # no GPU store: LMCache's lookup
+    path.store = None  # no GPU store: LMCache's lookup
     assert lookup(engine, ids, lookup_id="r4", pin=True) == "lmcache's own"

@@ -4,6 +4,7 @@ as LMCache's segment matcher splits them. No GPU, vLLM or LMCache needed."""
 
 import json
 import os
+import re
 from importlib import metadata
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import prompts, runtime
 from helpers.gpu import launch as gpu
 from helpers.gpu import plugin
 from helpers.runtime import EngineError
+from helpers.settings import GpuBlendSettings
 
 MISTRAL = {"architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768}
 LLAMA_LONG = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 200000}
@@ -155,20 +157,20 @@ def test_engines_two_gpus(ready):
     assert (blend.env["CUDA_VISIBLE_DEVICES"], full.env["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
     assert plugin.blending_enabled(blend.env)  # the plugin activates in the blend engine only
     assert not plugin.blending_enabled(full.env)
-    assert blend.env["KVBLEND_BLEND_PATH"] == "fast" and "KVBLEND_BLEND_PATH" not in full.env
+    assert GpuBlendSettings.from_env(blend.env).path == "fast" and GpuBlendSettings.ENV not in full.env
 
 
 def test_blend_path_and_store_reach_the_blend_engine(ready):
     model = model_dir(ready, MISTRAL)
     blend, _ = gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=6)
-    assert (blend.env["KVBLEND_BLEND_PATH"], blend.env["KVBLEND_GPU_KV_STORE_GB"]) == ("fast", "6")
-    assert plugin.blend_path(blend.env) == "fast"
+    assert GpuBlendSettings.from_env(blend.env) == GpuBlendSettings(path="fast", store_gb=6)
     with pytest.raises(runtime.EngineError, match="--blend-path must be one of"):
         gpu.engines(model, 8000, 8001, blend_path="quick")
     with pytest.raises(runtime.EngineError, match="--gpu-kv-store-gb must be > 0"):
         gpu.engines(model, 8000, 8001, blend_path="fast", gpu_kv_store_gb=0)
     # a second blend engine for comparisons gets its own LMCache config and short socket folder
-    other = gpu.blend_engine("upstream", 8011, model, blend_path="upstream", gpu_memory_utilization=0.2,
+    other = gpu.blend_engine("upstream", 8011, model, settings=GpuBlendSettings(path="upstream"),
+                             gpu_memory_utilization=0.2,
                              max_model_len=4096)
     assert other.env["LMCACHE_CONFIG_FILE"].endswith("lmcache-upstream.yaml")
     assert len(other.env["VLLM_RPC_BASE_PATH"]) < 40
@@ -316,7 +318,7 @@ def test_precompute_posts_ids(monkeypatch):
     # question, so that LMCache's lookup (which drops a wholly cached prompt's last token) still finds
     # the whole chunk segment
     sent.clear()
-    fast = runtime.Engine("blend", 8000, "vllm", model="m", env={"KVBLEND_BLEND_PATH": "fast"})
+    fast = runtime.Engine("blend", 8000, "vllm", model="m", env=GpuBlendSettings(path="fast").to_env())
     res = gpu.precompute(fast, ["ab", "cde"], progress=False, system="S")
     second = sent[3:]
     want = [prompts.chat_prompt_ids(tok, [t], gpu.PRIME_QUESTION, "S") for t in ("ab", "cde")]
@@ -389,13 +391,13 @@ def test_extra_blend_engines_socket_paths_fit_in_107_bytes(tmp_path, monkeypatch
 
 
 def test_python_time_attributes_host_time_to_functions(tmp_path):
-    """scripts/gpu_validate.py reads a torch profiler trace's Python calls: a function's self time is
+    """scripts/bench_ttft.py reads a torch profiler trace's Python calls: a function's self time is
     its own, its callees' taken out, per thread; totals include callees."""
     import gzip
     import sys
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_ttft
 
     def call(name, ts, dur, tid=1):
         return {"cat": "python_function", "ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
@@ -407,7 +409,7 @@ def test_python_time_attributes_host_time_to_functions(tmp_path):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
     rows = {line.split()[-1]: [float(x) for x in line.split()[:2]]
-            for line in gpu_validate.python_time(trace).splitlines()[1:]}
+            for line in bench_ttft.python_time(trace).splitlines()[1:]}
     assert rows == {"step": [5.0, 12.0], "lookup": [3.0, 4.0], "blend": [3.0, 3.0], "hash": [1.0, 1.0]}
 
 
@@ -434,61 +436,49 @@ def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
     from types import SimpleNamespace
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_ttft
 
     for out, want in (("NVIDIA H100 80GB HBM3\n", "H100"), ("NVIDIA H200\n", "H200"), ("", "GPU")):
         monkeypatch.setattr(subprocess, "run", lambda *a, out=out, **k: SimpleNamespace(stdout=out))
-        assert gpu_validate.gpu_name() == want
+        assert bench_ttft.gpu_name() == want
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
-    """`gpu_validate.py flex` at small shapes: every layout and option set it times gives the dense
+    """`bench_attention.py flex` at small shapes: every layout and option set it times gives the dense
     reference's answer, both gathers the same rows, and it writes the fields docs/gpu.md reads
     (device time is scarce: a crash there costs a session's run)."""
     import sys
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))
-    import gpu_validate
+    import bench_attention
 
     shapes = ((40, 3), (96, 15), (700, 256))  # the last: two q-blocks, the second with a prefix
-    res = gpu_validate.flex_check(tmp_path / "flex.json", device="cpu", shapes=shapes,
+    res = bench_attention.flex_check(tmp_path / "flex.json", device="cpu", shapes=shapes,
                                   gather={"sizes": (64, 128), "rows": 400})
     assert res["ok"] and json.loads((tmp_path / "flex.json").read_text())["best"] == res["best"]
     for shape in ("40x3", "96x15", "700x256"):
         assert all(res[shape][f"{way}_err"] < 0.05 for way in ("views", "flash", "flash16"))
-        assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(gpu_validate.FLEX_VARIANTS)))
+        assert all(res[shape][f"variant_{i}_err"] < 0.05 for i in range(len(bench_attention.FLEX_VARIANTS)))
     assert all(g["equal"] for g in res["gather"].values()) and set(res["gather"]) == {"64", "128"}
     assert res["views_over_copies"] > 0 and res["best_over_default"] >= 1 and res["flash_speedup"] > 0
-    quick = gpu_validate.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
+    quick = bench_attention.flex_check(None, device="cpu", shapes=((40, 3), (96, 15)),
                                     gather={"sizes": (64,), "rows": 100},
-                                    variants=gpu_validate.FLEX_VARIANTS[:1], autotune=True)
+                                    variants=bench_attention.FLEX_VARIANTS[:1], autotune=True)
     assert quick["ok"] and quick["variants"] == ["{}"] and "variant_1_ms" not in quick["96x15"]
     assert quick["96x15"]["autotune_err"] < 0.05 and quick["autotune_over_default"] > 0
-
-
-def test_flex_autotune_switch_compiles_with_triton_autotuning(monkeypatch):
-    """KVBLEND_FLEX_AUTOTUNE=1 (the A/B `flex --autotune` times) reaches torch.compile; unset, torch's
-    fixed choice."""
-    from helpers.gpu import fast_blend as fb
-
-    seen = []
-    monkeypatch.setattr(fb.torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
-    for value, mode in (("1", "max-autotune-no-cudagraphs"), ("", None)):
-        monkeypatch.setenv(fb.AUTOTUNE_ENV, value)
-        monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
-        fb.flex_attention_fn("cuda")
-        assert seen[-1] == {"dynamic": True, "mode": mode}
-    monkeypatch.delitem(fb._FLEX, "cuda", raising=False)
 
 
 def test_device_step_script_parses_and_names_its_steps(tmp_path):
     """scripts/device_step.sh is what each device call runs: a syntax error there costs a start."""
     import subprocess
 
-    script = str(runtime.ROOT / "scripts" / "device_step.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    script = runtime.ROOT / "scripts" / "device_step.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for args in (["bogus"], []):
-        bad = subprocess.run(["bash", script, *args], capture_output=True, text=True,
+        bad = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
                              env={**os.environ, "OUT": str(tmp_path)})
-        assert bad.returncode == 2 and "unpack p1|p2, part, tier, flex, 7b or 34b" in bad.stderr
+        assert bad.returncode == 2 and bad.stderr  # an unknown step: refused, saying why
+    for name in re.findall(r"scripts/(\w+\.(?:py|sh))", script.read_text()):  # what it runs exists
+        assert (runtime.ROOT / "scripts" / name).is_file(), name

@@ -1,7 +1,7 @@
-"""helpers/gpu/plugin.py on CPU: the 4-D KV gather/scatter against a reference written in LMCache's
-5-D semantics (both directions, both layouts, both buffer orders, padding slots, strided caches),
-the stand-in for lmcache.c_ops, when the plugin activates, and what register() patches (with fake
-vLLM/LMCache modules: neither is installed here)."""
+"""helpers/gpu/plugin.py, kv_transfer.py and mended.py on CPU: the 4-D KV gather/scatter against a
+reference written in LMCache's 5-D semantics (both directions, both layouts, both buffer orders,
+padding slots, strided caches), the stand-in for lmcache.c_ops, when the plugin activates, and what
+register() patches (with fake vLLM/LMCache modules: neither is installed here)."""
 
 import logging
 import sys
@@ -11,13 +11,28 @@ from enum import IntEnum
 import pytest
 import torch
 
-from helpers.gpu import fast_blend as fb
+from helpers.gpu import kv_transfer as kt
+from helpers.gpu import mended
 from helpers.gpu import plugin as vp
+from helpers.gpu.fast.blender import deviation
+from helpers.selection import select_tokens
+from helpers.settings import BLEND_PATHS, GpuBlendSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 NB, BS, NH, HS = 6, 16, 4, 8  # blocks, block size, KV heads, head size
+
+
+def use(monkeypatch, **fields):
+    """The blend engine's settings, as the launcher passes them to vLLM's processes."""
+    monkeypatch.setenv(*GpuBlendSettings(**fields).to_env().popitem())
+
+
+def mended_qkv(blender_class) -> dict | None:
+    """The keywords our process_qkv is bound with on LMCache's blender class (None: not ours)."""
+    method = vars(blender_class)["process_qkv"]
+    return method.keywords if getattr(method, "func", None) is mended.process_qkv else None
 
 
 def five_d(paged, layout):
@@ -70,7 +85,7 @@ def test_gather_matches_reference(device, layout, token_major, strided, dtype):
     got = torch.full(shape, 7.0, device=device, dtype=dtype)
     want = got.clone()
     before = paged.clone()
-    vp.paged_kv_transfer(got, paged, slots, layout, to_paged=False, token_major=token_major)
+    kt.paged_kv_transfer(got, paged, slots, layout, to_paged=False, token_major=token_major)
     reference(want, paged, slots.cpu(), layout, False, token_major)
     assert torch.equal(got, want)
     assert torch.equal(paged, before)  # reading leaves the cache alone
@@ -89,7 +104,7 @@ def test_scatter_matches_reference(device, layout, token_major, strided, dtype):
     lmc = torch.randn(shape, device=device).to(dtype)
     got = make_paged(layout, device, dtype, strided)
     want = got.clone()
-    vp.paged_kv_transfer(lmc, got, slots, layout, to_paged=True, token_major=token_major)
+    kt.paged_kv_transfer(lmc, got, slots, layout, to_paged=True, token_major=token_major)
     reference(lmc, want, slots.cpu(), layout, True, token_major)
     assert torch.equal(got, want)
 
@@ -98,18 +113,18 @@ def test_round_trip_and_edge_cases():
     paged = make_paged("NB_BS_NH_CS", "cpu", torch.float32, False)
     slots = torch.tensor([5, 17, 95, 0])
     lmc = torch.randn(2, 4, NH * HS)
-    vp.paged_kv_transfer(lmc, paged, slots, "NB_BS_NH_CS", to_paged=True)
+    kt.paged_kv_transfer(lmc, paged, slots, "NB_BS_NH_CS", to_paged=True)
     back = torch.zeros_like(lmc)
-    vp.paged_kv_transfer(back, paged, slots, "NB_BS_NH_CS", to_paged=False)
+    kt.paged_kv_transfer(back, paged, slots, "NB_BS_NH_CS", to_paged=False)
     assert torch.equal(back, lmc)
     # K sits in the first half of the last axis, V in the second (vLLM 0.26's packing)
     assert torch.equal(paged[1, 1, :, :HS].reshape(-1), lmc[0, 1])
     assert torch.equal(paged[1, 1, :, HS:].reshape(-1), lmc[1, 1])
     untouched = paged.clone()
-    vp.paged_kv_transfer(lmc, paged, torch.full((4,), -1), "NB_BS_NH_CS", to_paged=True)
+    kt.paged_kv_transfer(lmc, paged, torch.full((4,), -1), "NB_BS_NH_CS", to_paged=True)
     assert torch.equal(paged, untouched)  # all padding: nothing to do
     with pytest.raises(ValueError, match="unknown layout"):
-        vp.paged_kv_transfer(lmc, paged, slots, "TWO_NB_BS_NH_HS", to_paged=True)
+        kt.paged_kv_transfer(lmc, paged, slots, "TWO_NB_BS_NH_HS", to_paged=True)
 
 
 # ------------------------------------------------------------------ the c_ops stand-in
@@ -137,7 +152,7 @@ def fake_ops():
 
 def test_ops_stand_in_routes_4d_layouts_to_pytorch():
     ops, calls = fake_ops()
-    wrapped = vp.KVTransferOps(ops)
+    wrapped = kt.KVTransferOps(ops)
     assert wrapped.other_op == "kept" and wrapped.EngineKVFormat is FakeFormat
     paged = make_paged("NB_NH_BS_CS", "cpu", torch.float32, False)
     slots = make_slots(9, "cpu")
@@ -156,7 +171,7 @@ def test_ops_stand_in_routes_4d_layouts_to_pytorch():
 
 def test_ops_stand_in_leaves_other_layouts_to_lmcache():
     ops, calls = fake_ops()
-    wrapped = vp.KVTransferOps(ops)
+    wrapped = kt.KVTransferOps(ops)
     five = torch.zeros(2, NB, BS, NH, HS)
     wrapped.single_layer_kv_transfer("lmc", five, "slots", FakeDirection.D2H,
                                      FakeFormat.NL_X_TWO_NB_BS_NH_HS, token_major=True)
@@ -245,28 +260,28 @@ def fake_stack(monkeypatch):
 
 def test_register_patches_when_blending(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
-    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fixed")  # no GPU chunk store to build here
+    use(monkeypatch, path="fixed")  # no GPU chunk store to build here
     vp.register()
     vp.register()  # vLLM may call it again: nothing is wrapped twice
     assert fake_stack.Worker().load_model(load_dummy_weights=True) == ("loaded", True)
     assert fake_stack.registered == [("vllm-instance", "the-model")]
     ops = fake_stack.connectors.lmc_ops
-    assert isinstance(ops, vp.KVTransferOps) and ops._ops is fake_stack.ops
+    assert isinstance(ops, kt.KVTransferOps) and ops._ops is fake_stack.ops
 
 
 def test_the_fast_path_is_the_default(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
-    monkeypatch.delenv("KVBLEND_BLEND_PATH", raising=False)
-    assert vp.blend_path() == vp.BLEND_PATHS[0] == "fast"
+    monkeypatch.delenv(GpuBlendSettings.ENV, raising=False)
+    assert GpuBlendSettings.from_env().path == BLEND_PATHS[0] == "fast"
     vp.register()
     assert fake_stack.Blender.blend._kvblend  # LMCache's blend goes through the fast path first
-    assert fake_stack.Blender.process_qkv is vp.process_qkv  # and falls back to the mended blender
+    assert mended_qkv(fake_stack.Blender)  # and falls back to the mended blender
     assert fake_stack.Engine.lookup._kvblend  # chunks on the GPU are looked up there
 
 
 def test_lmcache_lookup_kept_on_request(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
-    monkeypatch.setenv("KVBLEND_FAST_LOOKUP", "0")  # the A/B engine of scripts/gpu_validate.py
+    use(monkeypatch, lookup=False)  # the A/B engine of scripts/bench_ttft.py
     vp.register()
     assert fake_stack.Blender.blend._kvblend and not hasattr(fake_stack.Engine.lookup, "_kvblend")
 
@@ -303,22 +318,22 @@ def test_register_without_vllm_only_warns(tmp_path, monkeypatch, caplog):
     assert "kvblend plugin inactive" in caplog.text
 
 
-# ------------------------------------------------------------------ the mended blender (issue 9)
+# ------------------------------------------------------------------ the mended blender
 def test_register_mends_blender_unless_upstream(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
-    monkeypatch.setenv("KVBLEND_BLEND_PATH", "upstream")
+    use(monkeypatch, path="upstream")
     vp.register()
     assert fake_stack.Blender.process_qkv(None) == "upstream"
-    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fixed")
+    use(monkeypatch, path="fixed", deviation="v")
     vp.register()
     vp.register()
-    assert fake_stack.Blender.process_qkv is vp.process_qkv
+    assert mended_qkv(fake_stack.Blender) == {"deviation": "v"}
     forward = fake_stack.FlashBackend.forward_contiguous
     assert forward._kvblend and forward.__wrapped__(None) == "flash"  # wrapped once
-    monkeypatch.setenv("KVBLEND_BLEND_PATH", "bogus")
-    with pytest.raises(ValueError, match="fixed"):
-        vp.blend_path()
-    monkeypatch.setenv("KVBLEND_BLEND_PATH", "fast")  # mended too (its fallback), blend wrapped once
+    monkeypatch.setenv(GpuBlendSettings.ENV, '{"path": "bogus"}')
+    with pytest.raises(ValueError, match="fixed"):  # the engine stops, saying what is allowed
+        vp.register()
+    use(monkeypatch, path="fast")  # mended too (its fallback), blend wrapped once
     fake_stack.Blender.blend = lambda self, tokens, mask=None, **kw: "lmcache"
     vp.register()
     vp.register()
@@ -344,7 +359,7 @@ def test_selected_attention_is_exact_causal_for_any_subset():
     want = causal_attention(q, k, v)
     selected = torch.tensor([0, 3, 4, 17, 25, 39])
     impl = types.SimpleNamespace(vllm_attn_impl=types.SimpleNamespace(scale=d ** -0.5))
-    forward = vp.selected_attention(lambda *a, **kw: pytest.fail("flash path taken for a subset"))
+    forward = mended.selected_attention(lambda *a, **kw: pytest.fail("flash path taken for a subset"))
     meta = types.SimpleNamespace(kvblend_query_positions=selected)
     out = torch.empty(len(selected), heads, d, dtype=torch.float64)
     forward(impl, q[selected], k, v, out, meta)
@@ -357,7 +372,7 @@ def test_selected_attention_is_exact_causal_for_any_subset():
     end_aligned = torch.arange(n)[None, :] <= (n - len(selected) + torch.arange(len(selected)))[:, None]
     assert not torch.equal(end_aligned, torch.arange(n)[None, :] <= selected[:, None])
     # all tokens selected: the original (flash) path, unchanged
-    assert vp.selected_attention(lambda *a, **kw: "flash")(
+    assert mended.selected_attention(lambda *a, **kw: "flash")(
         impl, q, k, v, None, types.SimpleNamespace(kvblend_query_positions=torch.arange(n))) == "flash"
 
 
@@ -366,10 +381,12 @@ def test_select_tokens_counts_cached_tokens_and_always_takes_gaps():
     new = torch.zeros(20, 4)
     new[[2, 5, 11]] = torch.tensor([[3.0], [1.0], [2.0]])  # the cached tokens that deviate most
     gaps = torch.tensor([7, 8, 19])  # separators / uncached: always recomputed
-    sel = fb.select_tokens(new, old, gaps, ratio=0.15)  # ceil(0.15 * 17) = 3 cached tokens
+    dev = deviation(new, old)
+    sel = select_tokens(dev, 0.15, gaps)  # ceil(0.15 * 17) = 3 cached tokens
     assert sel.tolist() == [2, 5, 7, 8, 11, 19]
-    assert fb.select_tokens(new, old, gaps, ratio=1.0).tolist() == list(range(20))
-    assert fb.select_tokens(new, old, None, ratio=0.01).tolist() == [2]
+    assert select_tokens(dev, 1.0, gaps).tolist() == list(range(20))
+    assert select_tokens(dev, 0.01, None).tolist() == [2]  # any ratio > 0: at least one
+    assert select_tokens(dev, 0.0, gaps).tolist() == [7, 8, 19]  # ratio 0: the uncached only
 
 
 class FakeRotary:
@@ -396,7 +413,7 @@ def test_process_qkv_writes_back_below_and_at_check_layer_then_only_selected():
     meta = types.SimpleNamespace(update_from_top_indices=lambda idx: None)
 
     def step(layer_id, q, k, v, residual):
-        return vp.process_qkv(blender, q, k, v, residual, layer_id, None, meta)
+        return mended.process_qkv(blender, q, k, v, residual, layer_id, None, meta)
 
     # layer 0: every token computed, and its fresh (rotated) K and V reach the buffer vLLM receives
     q0, k0, v0 = torch.zeros(n, 4), torch.ones(n, 4), torch.full((n, 4), 2.0)
@@ -422,22 +439,20 @@ def test_process_qkv_writes_back_below_and_at_check_layer_then_only_selected():
     assert rows[[0, 2, 4, 5, 7, 8]].tolist() == [-1.0] * 6
 
 
-def test_check_layer_deviation_on_k_or_v(monkeypatch):
-    """KVBLEND_BLEND_DEVIATION=v selects by the values, as the embedded engine does."""
+def test_check_layer_deviation_on_k_or_v():
+    """deviation "v" selects by the values, as the embedded engine does."""
     n = 6
     meta = types.SimpleNamespace(update_from_top_indices=lambda idx: None)
     picked = {}
     for dev, want in (("k", [3, 4]), ("v", [1, 3])):
-        monkeypatch.setenv("KVBLEND_BLEND_DEVIATION", dev)
         blender, buffers = fake_blender(n, ratio=0.2, gaps=(3,))
         blender.metadata.positions = torch.zeros(n, dtype=torch.long)  # no rotation: K as given
         buffers[1][0].zero_()
         buffers[1][1].zero_()
         k, v = torch.zeros(n, 4), torch.zeros(n, 4)
         k[4], v[1] = 9.0, 9.0
-        vp.process_qkv(blender, torch.zeros(n, 4), k, v, torch.zeros(n, 4), 1, None, meta)
+        mended.process_qkv(blender, torch.zeros(n, 4), k, v, torch.zeros(n, 4), 1, None, meta, deviation=dev)
         picked[dev] = blender.metadata.imp_indices.tolist()
         assert picked[dev] == want
-    monkeypatch.setenv("KVBLEND_BLEND_DEVIATION", "q")
-    with pytest.raises(ValueError, match="'k' or 'v'"):
-        vp.deviation()
+    with pytest.raises(ValueError, match="deviation must be one of k, v"):
+        GpuBlendSettings(deviation="q")

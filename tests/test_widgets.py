@@ -421,13 +421,13 @@ def test_pane_header_shows_the_blend_settings(monkeypatch):
     assert widgets.pane_header(e) == "http://127.0.0.1:8000"
 
 
-def test_vllm_blend_settings_come_from_its_lmcache_config(monkeypatch, tmp_path):
+def test_vllm_blend_settings_come_from_its_launcher(monkeypatch, tmp_path):
     from helpers.gpu import launch as gpu
+    from helpers.settings import GpuBlendSettings
 
-    yaml = tmp_path / "lmcache.yaml"
-    yaml.write_text(gpu.lmcache_yaml(0.2, 3, 256, 4.0))
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path)  # where the engine's LMCache YAML goes
     monkeypatch.setattr(runtime, "health", lambda e: {"status": "ok"})  # vLLM's /health says nothing
-    env = {"LMCACHE_CONFIG_FILE": str(yaml), "KVBLEND_BLEND_PATH": "fast"}
-    e = runtime.Engine("blend", 8000, "vllm", env=env)
-    assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.2, check layer 3, fast path"
-    assert runtime.blend_settings(runtime.Engine("full", 8001, "vllm", env={"LMCACHE_CONFIG_FILE": ""})) == ""
+    e = gpu.blend_engine("blend", 8000, "m", settings=GpuBlendSettings(path="fixed"), ratio=0.2,
+                         check_layer=3, gpu_memory_utilization=0.4, max_model_len=4096)
+    assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.2, check layer 3, fixed path"
+    assert runtime.blend_settings(runtime.Engine("full", 8001, "vllm")) == ""

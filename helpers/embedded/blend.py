@@ -9,9 +9,11 @@ The idea in four steps, for a prompt `prefix # # chunk_1 # # ... # # chunk_m # #
 3. What a cached KV misses is cross-attention: chunk_2's tokens never saw chunk_1. Layers below the
    *check layer* are recomputed for all tokens (cheap: one or two layers); at the check layer the
    fresh V (or K) is compared with the cached one and the `ratio` of cached tokens that deviate most
-   is selected (`select_tokens`). The question's tokens are never cached and always computed.
+   is selected (`select_tokens`, helpers/selection.py). The question's tokens are never cached and
+   always computed.
 4. Deeper layers compute only the selected tokens: their fresh K/V overwrite the cached entries and
    they attend over the whole merged cache with an exact causal mask (`forward_layers`).
+   `blend_cached` does steps 2-4 for any layout of cached and uncached tokens.
 
 ratio = 1.0 recomputes everything and equals a full prefill; ratio = 0 is "full KV reuse": cached KV
 as is, only the question computed (the paper's baseline that goes wrong).
@@ -28,7 +30,6 @@ Tensors have no batch dimension except where transformers' helpers want one: a h
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
+from ..selection import select_tokens
 from ..settings import BLEND, BlendSettings
 from .kvstore import ChunkKVStore, chunk_key
 
@@ -179,16 +181,6 @@ class ModelRunner:
         cos, sin = self.rope(torch.arange(start, start + k_pre.shape[1]))
         return self.rotate_k(k_pre, cos, sin)
 
-    # ---------------------------------------------------------------- step 3: selection
-    @staticmethod
-    def select_tokens(deviation: torch.Tensor, ratio: float, n_cached: int, n_total: int) -> torch.Tensor:
-        """Sorted positions to recompute: the ceil(ratio * n_cached) cached tokens of largest
-        deviation, plus every uncached token (positions n_cached..n_total-1)."""
-        k = min(n_cached, math.ceil(ratio * n_cached))
-        top = torch.topk(deviation, k).indices if k else torch.empty(0, dtype=torch.long)
-        fresh = torch.arange(n_cached, n_total)
-        return torch.sort(torch.cat([top, fresh])).values
-
     # ---------------------------------------------------------------- full prefill (the baseline)
     @torch.inference_mode()
     def full_prefill(self, ids: list[int], room: int = 0) -> Prefill:
@@ -204,25 +196,17 @@ class ModelRunner:
         ms = (time.perf_counter() - t0) * 1e3
         return Prefill(k, v, n, logits, {"mode": "full", "n_tokens": n, "timings_ms": {"prefill": ms}})
 
-    # ---------------------------------------------------------------- step 4: blended prefill
+    # ---------------------------------------------------------------- steps 1-4: blended prefill
     @torch.inference_mode()
     def blend_prefill(self, segments: list[list[int]], cfg: BlendSettings | None = None, room: int = 0,
                       explain: bool = False) -> Prefill:
         """Prefill `segments` (token ids; the last one is the question) reusing cached chunk KV."""
-        cfg = cfg or BLEND
-        times: dict[str, float] = {}
-        clock = [time.perf_counter()]
-
-        def lap(name: str) -> None:
-            now = time.perf_counter()
-            times[name] = (now - clock[0]) * 1e3
-            clock[0] = now
-
+        lap = Laps()
         ids = [t for s in segments for t in s]
         n = len(ids)
         self.check_length(n + room)
         cached_segs = segments[:-1]
-        n_cached = sum(len(s) for s in cached_segs)
+        n_cached = n - len(segments[-1])
 
         # Step 1: the chunks' own KV (computed now if never seen: the first request pays once).
         kvs, hits = [], 0
@@ -231,8 +215,22 @@ class ModelRunner:
             kvs.append(kv)
             hits += hit
         lap("chunk_kv")
-        cached = torch.cat(kvs, dim=3) if kvs else None  # [layers, 2, kv, n_cached, d]
+        question = torch.zeros(self.n_layers, 2, self.n_kv, n - n_cached, self.head_dim, dtype=self.dtype)
+        cached = torch.cat([*kvs, question], dim=3)  # [layers, 2, kv, n, d]; the question has none
+        info = {"mode": "blend", "n_tokens": n, "n_cached": n_cached, "chunk_hits": hits,
+                "chunk_misses": len(cached_segs) - hits}
+        return self.blend_cached(ids, cached, torch.arange(n_cached, n), cfg, room, explain, lap, info)
 
+    @torch.inference_mode()
+    def blend_cached(self, ids: list[int], cached: torch.Tensor, uncached: torch.Tensor,
+                     cfg: BlendSettings | None = None, room: int = 0, explain: bool = False,
+                     lap: Laps | None = None, info: dict | None = None) -> Prefill:
+        """Steps 2-4 for tokens `ids` whose KV computed alone is `cached` [layers, 2, kv, n, d] (K
+        pre-rotary), except at the positions `uncached` (their rows are ignored, their tokens always
+        computed). The last token must be uncached: its logits are the prefill's."""
+        cfg, lap = cfg or BLEND, lap or Laps()
+        n = len(ids)
+        self.check_length(n + room)
         full_reuse = cfg.ratio <= 0
         check = 0 if full_reuse else min(cfg.check_layer, self.n_layers - 1)
 
@@ -242,41 +240,36 @@ class ModelRunner:
         cos, sin = self.rope(pos)
         k_cache, v_cache = self.new_cache(n, room)
         for i in range(check, self.n_layers):
-            if n_cached:
-                k_cache[i][:, :n_cached] = self.rotate_k(cached[i, 0], cos[:, :n_cached], sin[:, :n_cached])
-                v_cache[i][:, :n_cached] = cached[i, 1]
+            k_cache[i][:, :n] = self.rotate_k(cached[i, 0], cos, sin)
+            v_cache[i][:, :n] = cached[i, 1]
         lap("rerotate")
 
         h = self.model.model.embed_tokens(torch.tensor(ids))
-        info: dict = {"mode": "blend", "n_tokens": n, "n_cached": n_cached, "chunk_hits": hits,
-                      "chunk_misses": len(cached_segs) - hits, "ratio": cfg.ratio,
-                      "check_layer": check, "deviation_on": cfg.deviation}
-
+        info = {**(info or {}), "ratio": cfg.ratio, "check_layer": check, "deviation_on": cfg.deviation}
         if full_reuse:
-            sel = torch.arange(n_cached, n)
+            sel = uncached
             h = h[sel]
         else:
             # Step 3a: layers below the check layer, all tokens, exactly as a full prefill.
             h = self.forward_layers(h, pos, cos, sin, k_cache, v_cache, n, range(check))
             lap("full_layers")
             # Step 3b: at the check layer compute every token's fresh K/V, measure how far the
-            # cached KV is from it, keep the most deviating cached tokens plus the question.
+            # cached KV is from it, keep the most deviating cached tokens plus the uncached ones.
             layer = self.layers[check]
             q, k, v = self.project(layer, h)
-            dev = torch.zeros(0)
-            if n_cached:  # both pre-rotary, as stored
-                fresh, old = (v, cached[check, 1]) if cfg.deviation == "v" else (k, cached[check, 0])
-                dev = ((fresh[:, :n_cached] - old) ** 2).sum(dim=(0, 2))
-            sel = self.select_tokens(dev, cfg.ratio, n_cached, n)
+            fresh, old = (v, cached[check, 1]) if cfg.deviation == "v" else (k, cached[check, 0])
+            dev = ((fresh.float() - old.float()) ** 2).sum(dim=(0, 2))  # [n], both pre-rotary
+            sel = select_tokens(dev, cfg.ratio, uncached)
             # The check layer's fresh K/V are already paid for: keep them for every token.
             q, k = self.rotate(q, k, cos, sin)
             k_cache[check][:, :n] = k
             v_cache[check][:, :n] = v
-            q_sel = q[:, sel]
-            h = self.finish(layer, h[sel], q_sel, k_cache[check], v_cache[check], sel, n)
+            h = self.finish(layer, h[sel], q[:, sel], k_cache[check], v_cache[check], sel, n)
             lap("check_layer")
             if explain:
-                info["deviation"] = dev.tolist()
+                is_cached = torch.ones(n, dtype=torch.bool)
+                is_cached[uncached] = False
+                info["deviation"] = dev[is_cached].tolist()
                 info["selected"] = sel.tolist()
 
         # Step 4: deeper layers compute only the selected tokens against the merged cache.
@@ -285,7 +278,7 @@ class ModelRunner:
         logits = self.logits(h[-1])
         lap("partial_layers")
         info["n_recomputed"] = int(sel.numel())
-        info["timings_ms"] = times
+        info["timings_ms"] = lap.times
         return Prefill(k_cache, v_cache, n, logits, info)
 
     # ---------------------------------------------------------------- decoding
@@ -304,6 +297,19 @@ class ModelRunner:
     def check_length(self, n: int) -> None:
         if n > self.max_len:
             raise ContextTooLong(n, self.max_len)
+
+
+class Laps:
+    """Milliseconds per named phase, each since the previous one: `lap("name")`, then `lap.times`."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = (now - self.clock) * 1e3
+        self.clock = now
 
 
 class ContextTooLong(ValueError):

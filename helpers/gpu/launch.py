@@ -28,8 +28,7 @@ from pathlib import Path
 from .. import runtime
 from ..prompts import DEFAULT_SYSTEM, SEP, chat_prompt_ids, chat_segment_ids
 from ..runtime import HOST, Engine, EngineError
-from ..settings import BLEND
-from .plugin import BLEND_PATHS  # KVBLEND_BLEND_PATH's values (the plugin imports nothing heavy)
+from ..settings import BLEND, BLEND_PATHS, GPU_BLEND, GpuBlendSettings
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s (docs/gpu.md)
@@ -207,13 +206,14 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer, load_format: str | None = None,
             gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
             dtype: str = "auto", chunk_size: int = 256, cpu_cache_gb: float = 16.0,
-            kv_dir=None, blend_path: str = BLEND_PATHS[0], gpu_kv_store_gb: float = 4.0) -> list[Engine]:
+            blend_path: str = GPU_BLEND.path, gpu_kv_store_gb: float = GPU_BLEND.store_gb,
+            **embedded_only) -> list[Engine]:
     """The blend and full engines (not started). Checks GPUs, versions and the model first.
     `blend_path`: `fast` (the default: our one-pass blender, chunk KV kept in `gpu_kv_store_gb` GB
     of GPU memory, 2x plain vLLM at 8K tokens on an H200), `fixed` (LMCache's blender, mended: the
     same answers, slower) or `upstream` (LMCache's, as shipped: wrong answers); both correct paths
     checked on real weights (docs/gpu.md, helpers/gpu/plugin.py).
-    `kv_dir` is the embedded backend's option and unused here: LMCache keeps its own chunk store."""
+    `embedded_only`: the embedded backend's options (`kv_dir`), ignored: LMCache keeps its own store."""
     if blend_path not in BLEND_PATHS:
         raise EngineError(f"--blend-path must be one of {', '.join(BLEND_PATHS)}, got {blend_path!r}.")
     if gpu_kv_store_gb < 0 or (blend_path == "fast" and gpu_kv_store_gb == 0):
@@ -231,8 +231,9 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
 
     opts = dict(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 load_format=load_format, dtype=dtype, architecture=architecture)
-    blend = blend_engine("blend", blend_port, model, host=host, blend_path=blend_path, ratio=ratio,
-                         check_layer=check_layer, gpu_kv_store_gb=gpu_kv_store_gb, chunk_size=chunk_size,
+    settings = GpuBlendSettings(path=blend_path, store_gb=gpu_kv_store_gb)
+    blend = blend_engine("blend", blend_port, model, host=host, settings=settings, ratio=ratio,
+                         check_layer=check_layer, chunk_size=chunk_size,
                          cpu_cache_gb=cpu_cache_gb, env={"CUDA_VISIBLE_DEVICES": blend_gpu}, **opts)
     return [blend, full_engine("full", full_port, model, host=host, env={"CUDA_VISIBLE_DEVICES": full_gpu},
                                **opts)]
@@ -252,17 +253,19 @@ def full_engine(name: str, port: int, model: str, host: str = HOST, env: dict | 
                   engine_env({"LMCACHE_CONFIG_FILE": "", **(env or {})}), host=host, model=model)
 
 
-def blend_engine(name: str, port: int, model: str, host: str = HOST, blend_path: str = BLEND_PATHS[0],
+def blend_engine(name: str, port: int, model: str, host: str = HOST, settings: GpuBlendSettings = GPU_BLEND,
                  ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
-                 gpu_kv_store_gb: float = 4.0, chunk_size: int = 256, cpu_cache_gb: float = 16.0,
-                 env: dict | None = None, **opts) -> Engine:
+                 chunk_size: int = 256, cpu_cache_gb: float = 16.0, env: dict | None = None,
+                 **opts) -> Engine:
     """A vLLM + LMCache blend engine, with its own LMCache YAML in `.engines/` (and, for any name but
-    `blend`, its own folder for LMCache's lookup sockets, so several can run side by side)."""
+    `blend`, its own folder for LMCache's lookup sockets, so several can run side by side).
+    `settings` reach our plugin in the engine's processes through `settings.to_env()`, its one
+    channel; benchmarks pass their variants here."""
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     yaml_path = runtime.RUN_DIR / ("lmcache-blend.yaml" if name == "blend" else f"lmcache-{name}.yaml")
     yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
-    extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), "KVBLEND_BLEND_PATH": blend_path,
-             "KVBLEND_GPU_KV_STORE_GB": str(gpu_kv_store_gb)}
+    label = f"ratio {ratio}, check layer {check_layer}, {settings.path} path"  # runtime.blend_settings'
+    extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), **settings.to_env(), runtime.LABEL_ENV: label}
     if name != "blend":
         rpc = Path("/tmp") / f"kvb{port}"  # short: LMCache's socket paths in it must fit in 107 bytes
         rpc.mkdir(parents=True, exist_ok=True)
@@ -287,7 +290,7 @@ def storing_prompts(tok, texts: list[str], system: str = DEFAULT_SYSTEM) -> list
     """What precompute stores: the chat prefix, then every chunk, each segment alone from position 0
     (no prefix, no separator: one segment, which LMCache keys by its ids alone), as the embedded
     engine computes chunk KV. A chunk's KV computed after the chat prefix, as precompute stored it
-    until session 5, blends worse: top-20 KL 0.0329 against 0.0237 at ratio 0.15 on 121 QA prompts,
+    at first, blends worse: top-20 KL 0.0329 against 0.0237 at ratio 0.15 on 121 QA prompts,
     the GPU's conditions (bf16, separators, K deviation) replayed on the CPU
     (`scripts/blend_gap_study.py`; the H200 measured 0.0322 the old way)."""
     segments = [chat_segment_ids(tok, [text], None, system) for text in texts]
@@ -310,7 +313,7 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
         rounds = [("precomputing chunk KV", {}, storing_prompts(tok, texts, system))]
-        if engine.env.get("KVBLEND_BLEND_PATH") == "fast":
+        if GpuBlendSettings.ENV in engine.env and GpuBlendSettings.from_env(engine.env).path == "fast":
             rounds.append(("loading chunk KV into GPU memory", NO_SAVE,
                            [chat_prompt_ids(tok, [text], PRIME_QUESTION, system) for text in texts]))
         for desc, extra, prompts in rounds:

@@ -1,13 +1,8 @@
-"""Validate the GPU backend on a GPU and measure TTFT: plain vLLM vs each blend path (docs/gpu.md).
+"""On a GPU: TTFT of plain vLLM vs each blend path, on dummy weights of a real shape (docs/gpu.md).
 
-    python scripts/gpu_validate.py model 7b DIR [--tokenizer SRC]   # dummy-weight model folder
-    python scripts/gpu_validate.py selftest OUT.json                # 4-D KV transfer vs lmcache.c_ops
-    python scripts/gpu_validate.py flex [OUT.json]                  # the fast path's attention: exact, fast
-    python scripts/gpu_validate.py device --shape 7b --out DIR      # all of it, on the device machine
+    python scripts/bench_ttft.py --shape 7b --out DIR [--paths fast,upstream] [--one-at-a-time]
 
-`model` writes a config of a real shape (Mistral-7B-Instruct-v0.2; a Yi-34B-like Llama with 60
-layers) with SmolLM2's tokenizer, for `--load-format dummy`: random weights, so TTFT is realistic
-for the shape and the text is garbage. `device` starts plain vLLM and one blend engine per
+It starts plain vLLM and one blend engine per
 `--paths` (fast, fixed, upstream: see helpers/gpu/plugin.py) on one GPU, all at once or, with
 `--one-at-a-time`, in turn (a 34B model does not fit twice). It precomputes the corpus chunks on
 each blend engine, then times the same prompts on every engine: for each size, reordered-chunk
@@ -19,50 +14,39 @@ profiler and keeps its table. `--merge 1,4` measures each size also with every 4
 chunks joined into one document: prompts of the same length with 4 times fewer segments.
 """
 
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dummy_model import SHAPES, make_model  # noqa: E402
+
 from helpers import engines as eng  # noqa: E402
 from helpers import runtime  # noqa: E402
 from helpers.gpu import launch as gpu  # noqa: E402
-from helpers.gpu.fast_blend import GRAPHS_ENV, LOOKUP_ENV, PREFIX_ENV, TIMING_ENV  # noqa: E402
 from helpers.prompts import chat_prompt_ids, separator_ids  # noqa: E402
+from helpers.settings import GpuBlendSettings  # noqa: E402
 
 # the fast path with one of its parts changed, to A/B in one run: its CUDA graphs off, LMCache's lookup,
 # FlexAttention alone, FlashAttention for each q-block's prefix keys at every length (as one page; in
 # pages of 16)
-AB_PATHS = {"fast-eager": {GRAPHS_ENV: "0"}, "fast-lmlookup": {LOOKUP_ENV: "0"},
-            "fast-flex": {PREFIX_ENV: "flex"}, "fast-flash": {PREFIX_ENV: "flash"},
-            "fast-flash16": {PREFIX_ENV: "flash16"}}
+AB_PATHS = {"fast-eager": {"graphs": False}, "fast-lmlookup": {"lookup": False},
+            "fast-flex": {"prefix_attention": "flex"}, "fast-flash": {"prefix_attention": "flash"},
+            "fast-flash16": {"prefix_attention": "flash16"}}
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
-SHAPES = {
-    # mistralai/Mistral-7B-Instruct-v0.2's config.json, with SmolLM2's vocabulary
-    "7b": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 1e6,
-           "sliding_window": None},
-    # Yi-34B-like: a Llama with 60 layers, GQA with 8 KV heads
-    "34b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 7168,
-            "intermediate_size": 20480, "num_hidden_layers": 60, "num_attention_heads": 56,
-            "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 5e6},
-}
 LABELS = {"7b": "7B (Mistral-7B shape)", "34b": "34B (Yi-34B-like, 60 layers)"}
 CSV_FIELDS = ["model_shape", "gpus", "target_tokens", "prompt_tokens", "queries", "full_ttft_ms",
               "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms", "blend_engine_ms",
@@ -70,216 +54,6 @@ CSV_FIELDS = ["model_shape", "gpus", "target_tokens", "prompt_tokens", "queries"
 TIMING_RE = re.compile(r"fast blend timing: (\d+ tokens, tail [^;]+); ms host/GPU: ([^\n]+)")
 HIT_RE = re.compile(r"Total tokens (\d+), Inference Engine computed tokens: (\d+), LMCache hit tokens: (\d+)")
 
-
-# ------------------------------------------------------------------ model folder
-def make_model(shape: str, out: Path, tokenizer: Path) -> Path:
-    config = {**SHAPES[shape], "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2,
-              "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16", "attention_dropout": 0.0, "initializer_range": 0.02}
-    config["rope_parameters"] = {"rope_theta": config["rope_theta"], "rope_type": "default"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, out / name)
-    return out
-
-
-# ------------------------------------------------------------------ selftest on the GPU
-def selftest(out: Path | None = None) -> dict:
-    """Our 4-D gather/scatter against LMCache's compiled op on the same data in its 5-D layout."""
-    import lmcache.c_ops as ops
-    import torch
-
-    from helpers.gpu.plugin import paged_kv_transfer
-
-    torch.manual_seed(0)
-    nb, bs, nh, hs, n = 2048, 16, 8, 128, 12000
-    slots = torch.randperm(nb * bs, device="cuda")[:n]  # padding (-1) is covered by the CPU tests
-    res = {}
-    for layout in ("NB_BS_NH_CS", "NB_NH_BS_CS"):
-        shape = (nb, bs, nh, 2 * hs) if layout == "NB_BS_NH_CS" else (nb, nh, bs, 2 * hs)
-        paged = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        split = paged.unflatten(-1, (2, hs))  # -> [2, NB, BS, NH, HS], LMCache's flash-attn layout
-        five = (split.permute(3, 0, 1, 2, 4) if layout == "NB_BS_NH_CS" else split.permute(3, 0, 2, 1, 4))
-        five = five.contiguous()
-        fmt = ops.EngineKVFormat.NL_X_TWO_NB_BS_NH_HS
-        got, want = (torch.zeros(2, n, nh * hs, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        ops.single_layer_kv_transfer(want, five, slots, ops.TransferDirection.D2H, fmt, token_major=False)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        paged_kv_transfer(got, paged, slots, layout, to_paged=False)
-        torch.cuda.synchronize()
-        d2h_ms = (time.perf_counter() - t0) * 1e3
-        lmc = torch.randn(2, n, nh * hs, device="cuda", dtype=torch.bfloat16)
-        paged_back, five_back = torch.zeros_like(paged), torch.zeros_like(five)
-        ops.single_layer_kv_transfer(lmc, five_back, slots, ops.TransferDirection.H2D, fmt, token_major=False)
-        t0 = time.perf_counter()
-        paged_kv_transfer(lmc, paged_back, slots, layout, to_paged=True)
-        torch.cuda.synchronize()
-        h2d_ms = (time.perf_counter() - t0) * 1e3
-        split_back = paged_back.unflatten(-1, (2, hs))
-        mine = (split_back.permute(3, 0, 1, 2, 4) if layout == "NB_BS_NH_CS"
-                else split_back.permute(3, 0, 2, 1, 4))
-        res[layout] = {"d2h_equal": bool(torch.equal(got, want)),
-                       "h2d_equal": bool(torch.equal(mine, five_back)),
-                       "d2h_ms": round(d2h_ms, 2), "h2d_ms": round(h2d_ms, 2), "tokens": n}
-    res["ok"] = all(r["d2h_equal"] and r["h2d_equal"] for r in res.values())
-    if out:
-        out.write_text(json.dumps(res, indent=2))
-    print("selftest:", json.dumps(res))
-    return res
-
-
-def gpu_ms(fn, *args, repeat: int = 5, **kwargs) -> float:
-    """Mean GPU wall time of fn(*args, **kwargs) in ms, after one warm-up call."""
-    import torch
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn(*args, **kwargs)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn(*args, **kwargs)
-    sync()
-    return round((time.perf_counter() - t0) / repeat * 1e3, 3)
-
-
-# FlexAttention kernel options to try on the device (bf16, head size 128); {}: torch's default for the
-# card (on sm90 in torch 2.13's source: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps; the device has 2.11)
-FLEX_VARIANTS = [
-    {},
-    {"USE_TMA": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8, "USE_TMA": True},
-]
-
-
-def gather_check(fb, device: str = "cuda", sizes=(8192, 32768), rows: int = 40_000) -> dict:
-    """One layer's cached K and V of 8K and 32K prompt tokens gathered from a 7B-shaped chunk store
-    (in pages of 16 rows, shuffled): across the row axis of [2, rows, kv_dim] (before session 9)
-    against ChunkStore.cached's two first-axis gathers; ms each, and whether they agree."""
-    import torch
-
-    store = fb.ChunkStore(2, 1024, rows, torch.bfloat16, device)
-    store.kv.normal_()
-    pages = torch.randperm(store.pages)
-
-    def row_axis(index):
-        return store.kv[1][:, index]
-
-    def first_axis(index):
-        return store.cached(1, 0, index), store.cached(1, 1, index)
-
-    res = {}
-    for n in sizes:
-        index = (pages[:, None] * store.page + torch.arange(store.page)).flatten()[:n].to(device)
-        res[str(n)] = {"row_axis_ms": gpu_ms(row_axis, index), "first_axis_ms": gpu_ms(first_axis, index),
-                       "equal": bool(torch.equal(row_axis(index), torch.stack(first_axis(index))))}
-    return res
-
-
-FLEX_SHAPES = ((300, 5), (8192, 1229), (32768, 4915))  # (keys, selected queries): 15% past 300
-
-
-def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES, gather=None,
-               variants=FLEX_VARIANTS, autotune: bool = False) -> dict:
-    """The fast path's attention on this GPU, for few and many selected queries, with the inputs the
-    tail has (q: a view of the qkv rows; K/V: ChunkStore.cached's token-major rows): exact against
-    a dense masked reference, and timed against SDPA's full causal attention over all tokens. The
-    tail's way (attend_selected: head-major copies, then FlexAttention) with each of FLEX_VARIANTS'
-    kernel options, and once without the copies (`views_ms`: FlexAttention on token-major views, as
-    session 9 had it), and split (`flash_ms`, `flash16_ms`: FlashAttention for each q-block's prefix
-    keys, FlexAttention for the rest; `flash_speedup` over the tail's way). `best`: the fastest exact
-    options over the 8K and 32K shapes (what KVBLEND_FLEX_OPTIONS takes). `device`, `shapes` and
-    `gather` (gather_check's sizes and rows) let
-    tests/test_gpu_backend.py run it small on the CPU before the device does; `variants`, fewer option
-    sets (each one compiles anew: `--variants 1` times torch's default alone, in about a minute);
-    `autotune`, also the tail's way compiled with Triton's autotuning (KVBLEND_FLEX_AUTOTUNE=1:
-    `autotune_ms`, `autotune_over_default`)."""
-    import torch
-    import torch.nn.functional as F
-
-    from helpers.gpu import fast_blend as fb
-
-    def views(q, k, v, mask, scale):  # session 9's way: no copies, the kernel reads the strides
-        qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
-        out = fb.flex_attention_fn(device)(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True,
-                                           kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
-        return out[0].transpose(0, 1)
-
-    res, dev, scale = {"variants": [json.dumps(o) for o in variants]}, device, 128 ** -0.5
-    names = [f"{n_keys}x{n_sel}" for n_keys, n_sel in shapes]
-    cases, sel_of = [], {}
-    torch._dynamo.reset()
-    for name, (n_keys, n_sel) in zip(names, shapes, strict=True):
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(n_keys, h, 128, device=dev, dtype=torch.bfloat16) for h in (32, 8, 8))
-        sel = torch.sort(torch.randperm(n_keys, device=dev)[:n_sel]).values
-        mask = fb.exact_causal_mask(sel, n_keys)
-        dense = torch.arange(n_keys, device=dev)[None, :] <= sel[:, None]
-        ref = F.scaled_dot_product_attention(q[sel].transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], attn_mask=dense[None, None],
-                                             enable_gqa=True)[0].transpose(0, 1)
-        # q as the tail has it: a [tokens, heads, d] view of the wider qkv rows
-        qkv = torch.cat([q[sel].flatten(1), q.new_zeros(n_sel, 2048)], dim=1)
-        args = (qkv[:, :4096].view(n_sel, 32, 128), k, v, mask, scale)
-        res[name] = {"sdpa_causal_all_ms": gpu_ms(F.scaled_dot_product_attention, q.transpose(0, 1)[None],
-                                                  k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                                  is_causal=True, enable_gqa=True),
-                     "views_ms": gpu_ms(views, *args),
-                     "views_err": float((views(*args).float() - ref.float()).abs().max())}
-        cases.append((name, args, ref))
-        sel_of[name] = sel
-    totals = [0.0] * len(variants)
-    for i, options in enumerate(variants):
-        torch._dynamo.reset()  # each variant compiles anew (dynamo's recompile limit)
-        for name, args, ref in cases:
-            fb._FLEX.pop("warned", None)
-            err = float((fb.attend_selected(*args, options).float() - ref.float()).abs().max())
-            ms = gpu_ms(fb.attend_selected, *args, options)
-            if fb._FLEX.get("warned"):  # FlexAttention failed with these options: SDPA answered
-                err, ms = float("inf"), float("inf")
-            res[name][f"variant_{i}_ms"], res[name][f"variant_{i}_err"] = ms, err
-            if name != names[0]:
-                totals[i] += ms if err < 0.05 else float("inf")
-    torch._dynamo.reset()
-    for name, (q, k, v, _, scale), ref in cases:  # FlashAttention for each q-block's prefix keys
-        for split, page in (("flash", fb.ONE_PAGE), ("flash16", 16)):
-            fb._FLEX.pop("warned", None)
-            args = (q, k, v, fb.exact_causal_mask(sel_of[name], k.shape[0], page), scale, {})
-            err = float((fb.attend_selected(*args).float() - ref.float()).abs().max())
-            ms = gpu_ms(fb.attend_selected, *args)
-            if fb._FLEX.get("warned"):  # FlashAttention or FlexAttention failed: SDPA answered
-                err, ms = float("inf"), float("inf")
-            res[name][f"{split}_ms"], res[name][f"{split}_err"] = ms, err
-    res["ok"] = all(res[s][f"{v}_err"] < 0.05 for s in names for v in ("variant_0", "views", "flash"))
-    res["views_over_copies"] = round(sum(res[s]["views_ms"] for s in names[1:]) / totals[0], 3)
-    for split in ("flash", "flash16"):  # > 1: the split beats FlexAttention alone (torch's options)
-        res[f"{split}_speedup"] = round(totals[0] / sum(res[s][f"{split}_ms"] for s in names[1:]), 3)
-    if autotune:  # the tail's way once more, compiled anew with Triton's autotuning
-        fb._FLEX.pop(device, None)
-        torch._dynamo.reset()
-        with mock.patch.dict(os.environ, {fb.AUTOTUNE_ENV: "1"}):
-            for name, args, ref in cases:
-                err = (fb.attend_selected(*args, {}).float() - ref.float()).abs().max()
-                res[name]["autotune_err"] = float(err)
-                res[name]["autotune_ms"] = gpu_ms(fb.attend_selected, *args, {})
-        fb._FLEX.pop(device, None)
-        tuned = sum(res[s]["autotune_ms"] for s in names[1:])
-        res["autotune_over_default"] = round(totals[0] / tuned, 3)
-        res["ok"] = res["ok"] and all(res[s]["autotune_err"] < 0.05 for s in names)
-    res["gather"] = gather_check(fb, device, **(gather or {}))
-    best = min(range(len(totals)), key=totals.__getitem__)
-    res["best"] = variants[best] if totals[best] < float("inf") else {}
-    res["best_over_default"] = round(totals[0] / totals[best], 3) if totals[best] < float("inf") else None
-    if out:
-        out.write_text(json.dumps(res, indent=2))
-    print("flex:", json.dumps(res))
-    return res
-
-
-# ------------------------------------------------------------------ benchmark
 def corpus_chunks() -> tuple[dict[str, str], str]:
     """The ffmpeg/ chunks, or synthetic text of similar size if the corpus is not there yet."""
     try:
@@ -540,7 +314,8 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         make_model(shape, model, ROOT / ".cache" / "smollm2-f32")
     if run_selftest:
         # in a process of its own, so its CUDA memory is gone before the engines start
-        test = subprocess.run([sys.executable, __file__, "selftest", str(out / "selftest.json")],
+        test = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_kv_transfer.py"),
+                               str(out / "selftest.json")],
                               capture_output=True, text=True)
         notes["selftest_rc"] = test.returncode
         print(test.stdout + test.stderr[-3000:], flush=True)
@@ -563,9 +338,9 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
     for i, path in enumerate(paths):
         kw = profiled(path)
         fast = path.startswith("fast")
-        kw["env"] = {**kw.get("env", {}), **({TIMING_ENV: "1"} if fast else {}), **AB_PATHS.get(path, {})}
-        engines.append(gpu.blend_engine(path, 8010 + i, str(model), blend_path=path.split("-")[0],
-                                        gpu_kv_store_gb=store_gb,
+        settings = GpuBlendSettings(path=path.split("-")[0], store_gb=store_gb, timing=fast,
+                                    **AB_PATHS.get(path, {}))
+        engines.append(gpu.blend_engine(path, 8010 + i, str(model), settings=settings,
                                         cpu_cache_gb=cpu_gb, **opts, **kw))
     tok = gpu.tokenizer_for(str(model))
     todo = prompts(tok, sizes, queries, LABELS[shape], merges)
@@ -622,19 +397,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("model")
-    m.add_argument("shape", choices=sorted(SHAPES))
-    m.add_argument("dir", type=Path)
-    m.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "smollm2-f32")
-    s = sub.add_parser("selftest")
-    s.add_argument("out", type=Path, nargs="?")
-    fx = sub.add_parser("flex")
-    fx.add_argument("out", type=Path, nargs="?")
-    fx.add_argument("--variants", type=int, default=len(FLEX_VARIANTS),
-                    help="time only the first N kernel option sets (1: torch's default)")
-    fx.add_argument("--autotune", action="store_true", help="also time FlexAttention autotuned by Triton")
-    d = sub.add_parser("device")
+    d = ap
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--shape", choices=sorted(SHAPES), required=True)
     d.add_argument("--sizes", default="32768,16384,8192,4096,2048")
@@ -656,14 +419,6 @@ def main(argv=None) -> int:
                    help="LMCache's host store per blend engine; the corpus needs 5.2 GB at 7B, 9.7 GB at 34B")
     d.add_argument("--selftest", action="store_true")
     a = ap.parse_args(argv)
-    if a.cmd == "model":
-        print(make_model(a.shape, a.dir, a.tokenizer))
-        return 0
-    if a.cmd == "selftest":
-        return 0 if selftest(a.out)["ok"] else 1
-    if a.cmd == "flex":
-        res = flex_check(a.out, variants=FLEX_VARIANTS[:max(a.variants, 1)], autotune=a.autotune)
-        return 0 if res["ok"] else 1
     return device(a.shape, a.out, [int(x) for x in a.sizes.split(",")], a.queries, a.budget_s, a.selftest,
                   tuple(int(x) for x in a.merge.split(",")), tuple(a.paths.split(",")), a.one_at_a_time,
                   a.store_gb, a.profile, a.max_model_len, a.cpu_gb)

@@ -1,0 +1,45 @@
+"""The fast blend path (`--blend-path fast`): CacheBlend for one prompt in one pass over vLLM's layers.
+
+LMCache 0.5.3 blends through per-layer generators that fetch each chunk's KV from host memory,
+synchronize the device and scatter into vLLM's paged cache with host syncs. `FastBlender.blend`
+runs the same algorithm, as our plugin mends it, in one loop with no device-wide or host sync:
+
+    ids -> embed
+    for each layer:
+        norm -> qkv -> rotary (new positions)
+        cached K/V of every chunk token: two row gathers from the GPU chunk store, K re-rotated
+        below the check layer: every token computed, its fresh K/V kept
+        at the check layer:    select the gap tokens + ceil(ratio x cached) cached tokens whose
+                               fresh K (or V) deviates most; every token keeps its fresh K/V
+        past it:               only the selected tokens are computed; they overwrite their rows
+        K/V of all tokens -> vLLM's paged cache (vLLM's own `reshape_and_cache_flash`)
+        attention (all queries: FlashAttention; selected ones: FlexAttention with the exact causal
+                   mask, or FlashAttention for each q-block's prefix keys merged with it)
+        -> o_proj -> norm -> MLP             (skipped at the last layer: only its K/V are used)
+
+One job per module: `store` (the GPU chunk store), `masks` (exact causal block masks), `attention`
+(attention of the selected tokens), `graphs` (bucketed buffers and CUDA graphs of the layers past
+the check layer), `timing`, `lookup` (LMCache's lookup, store first) and `blender` (the pass, and
+the hook that falls back to LMCache's mended blender when the store cannot hold a prompt or
+anything fails). Its switches are `helpers.settings.GpuBlendSettings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ...settings import GPU_BLEND, GpuBlendSettings
+
+if TYPE_CHECKING:
+    from .store import ChunkStore
+
+
+@dataclass
+class FastPath:
+    """The fast path in one engine process: its settings, its GPU chunk store (None until the
+    model is loaded, or with none) and whether it failed (then LMCache's blender takes over)."""
+
+    settings: GpuBlendSettings = GPU_BLEND
+    store: ChunkStore | None = None
+    failed: bool = False
