@@ -50,7 +50,7 @@ from .runtime import (
     stopped_state,
     write_atomic,
 )
-from .settings import BLEND
+from .settings import BLEND, GPU_BLEND
 
 # name -> module; `auto` takes the first one available, so the GPU backend comes first
 BACKENDS = {"vllm": "helpers.gpu.launch", "embedded": "helpers.embedded.launch"}
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
                          "'fixed' (LMCache's blender, mended) or 'upstream' (LMCache's, as shipped)")
     ap.add_argument("--gpu-kv-store-gb", type=float, default=None,
                     help="vLLM fast path only: GPU memory for chunk KV, taken from the blend engine's "
-                         "--gpu-memory-utilization share (default 4)")
+                         f"--gpu-memory-utilization share (default {GPU_BLEND.store_gb:g})")
     ap.add_argument("--ratio", type=float, default=BLEND.ratio,
                     help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
     ap.add_argument("--check-layer", type=int, default=BLEND.check_layer,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 EMBEDDED_DEVIATION = "v"  # the CPU engine compares V at the check layer (CacheBlend's code)
 GPU_DEVIATION = "k"  # the GPU paths compare K, as LMCache's blender does
-GPU_KV_STORE_GB = 4.0  # the fast path's GPU chunk store (--gpu-kv-store-gb)
+GPU_KV_STORE_GB = 6.0  # fast path GPU chunk store (--gpu-kv-store-gb): holds a 7B's corpus (5.2 GB)
 BLEND_PATHS = ("fast", "fixed", "upstream")  # --blend-path; the first is the default
 PREFIX_ATTENTION = ("auto", "flex", "flash", "flash16")  # GpuBlendSettings.prefix_attention
 

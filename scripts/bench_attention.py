@@ -94,7 +94,7 @@ def flex_check(out: Path | None = None, device: str = "cuda", shapes=FLEX_SHAPES
     import torch.nn.functional as F
 
 
-    def views(q, k, v, mask, scale):  # session 9's way: no copies, the kernel reads the strides
+    def views(q, k, v, mask, scale):  # the strided way: no copies, the kernel reads the strides
         qt, kt, vt = (t.transpose(0, 1)[None] for t in (q, k, v))
         out = at.flex_attention_fn(device)(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=True,
                                            kernel_options={"FORCE_USE_FLEX_ATTENTION": True})

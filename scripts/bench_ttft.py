@@ -48,9 +48,10 @@ AB_PATHS = {"fast-eager": {"graphs": False}, "fast-lmlookup": {"lookup": False},
             "fast-flash16": {"prefix_attention": "flash16"}}
 QUESTION = "Which option or filter described above does what the user needs? Answer briefly."
 LABELS = {"7b": "7B (Mistral-7B shape)", "34b": "34B (Yi-34B-like, 60 layers)"}
-CSV_FIELDS = ["model_shape", "gpus", "target_tokens", "prompt_tokens", "queries", "full_ttft_ms",
-              "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms", "blend_engine_ms",
-              "blend_path", "ids"]
+# docs/benchmarks/gpu_ttft.csv's columns; run_id and commit are filled in when a run is published
+CSV_FIELDS = ["date", "run_id", "commit", "card", "setup", "model_shape", "target_tokens", "prompt_tokens",
+              "queries", "full_ttft_ms", "blend_ttft_ms", "speedup", "lmcache_hit_pct", "full_engine_ms",
+              "blend_engine_ms", "blend_path", "variant", "ids"]
 TIMING_RE = re.compile(r"fast blend timing: (\d+ tokens, tail [^;]+); ms host/GPU: ([^\n]+)")
 HIT_RE = re.compile(r"Total tokens (\d+), Inference Engine computed tokens: (\d+), LMCache hit tokens: (\d+)")
 
@@ -242,7 +243,7 @@ def python_time(trace: Path, top: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarize(label: str, gpus: str, samples: list[dict]) -> list[dict]:
+def summarize(label: str, card: str, samples: list[dict], setup: str = "") -> list[dict]:
     """One row per (size, merge, blend path): medians over the measured queries (not the warm-up)."""
     good = [s for s in samples if s["query"] > 0 and "ms" in s]
     full = {(s["size"], s["merge"], s["query"]): s for s in good if s["engine"] == "full"}
@@ -259,14 +260,16 @@ def summarize(label: str, gpus: str, samples: list[dict]) -> list[dict]:
             hit = [b["hit_tokens"] / b["logged_total"] for b, _ in pairs if b.get("logged_total")]
             eng_ms = {n: [x[i].get("engine_ms") for x in pairs if x[i].get("engine_ms")]
                       for i, n in ((0, "blend"), (1, "full"))}
-            rows.append({"model_shape": label, "gpus": gpus, "target_tokens": size,
+            rows.append({"date": time.strftime("%Y-%m-%d"), "card": card, "setup": setup,
+                         "model_shape": label, "target_tokens": size,
                          "prompt_tokens": int(statistics.median(b["tokens"] for b, _ in pairs)),
                          "queries": len(pairs), "full_ttft_ms": round(full_ms, 1),
                          "blend_ttft_ms": round(blend_ms, 1), "speedup": round(full_ms / blend_ms, 2),
                          "lmcache_hit_pct": round(100 * statistics.median(hit), 1) if hit else "",
                          **{f"{n}_engine_ms": round(statistics.median(v), 1) if v else ""
                             for n, v in eng_ms.items()},
-                         "blend_path": path, "ids": "identical", "merge": m,
+                         "blend_path": path.split("-")[0], "variant": path.split("-", 1)[1] if "-" in path
+                         else "", "ids": "identical", "merge": m,
                          "chunks": int(statistics.median(b["chunks"] for b, _ in pairs))})
     return rows
 
@@ -284,7 +287,7 @@ def write_results(out: Path, label: str, rows: list[dict], raw: list[dict], merg
 # ------------------------------------------------------------------ the device run
 def gpu_name() -> str:
     """The card's short name (H100, H200) for the CSV, from nvidia-smi: the harness itself stays off
-    the GPU the engines share. (Runs until session 6 were all labeled H200.)"""
+    the GPU the engines share."""
     try:
         names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                capture_output=True, text=True, timeout=30).stdout.split()
@@ -321,7 +324,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
         print(test.stdout + test.stderr[-3000:], flush=True)
     share = 0.85 if one_at_a_time else round(0.85 / (1 + len(paths)), 3)
     card = gpu_name()
-    layout = f"1x {card} " + ("(one engine at a time)" if one_at_a_time else f"(shared by {1 + len(paths)})")
+    setup = "1 GPU, one engine at a time" if one_at_a_time else f"1 GPU, shared by {1 + len(paths)} engines"
     opts = dict(gpu_memory_utilization=share, max_model_len=max_model_len, load_format="dummy",
                 dtype="bfloat16",
                 architecture=gpu.served_architecture(gpu.model_config(str(model)), str(model)))
@@ -366,7 +369,7 @@ def device(shape: str, out: Path, sizes: list[int], queries: int, budget_s: floa
                     one = next((p for p in todo if p["size"] == profile_size and p["query"] == 1), None)
                     if one:
                         profile(e, str(model), one["ids"], out)
-            rows = summarize(LABELS[shape], layout, raw)
+            rows = summarize(LABELS[shape], card, raw, setup)
             write_results(out, LABELS[shape], rows, raw, merged=merges != (1,))
             if one_at_a_time:
                 for e in group:

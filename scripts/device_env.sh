@@ -1,4 +1,4 @@
-# Sourced by device commands (see docs/gpu.md, Reproduce): the environment every vLLM process on the
+# Sourced by device commands (see docs/gpu.md, "Reproducing the tables"): the environment every vLLM process on the
 # lent GPU machine needs (../shared/gpu/NOTES.md), with the wheels unpacked in /root/site, and the
 # tokenizer the dummy-weight 7B/34B folders borrow, taken from the carried SmolLM2 weights in
 # /root/smol (or carried on its own as .gpu/tok, see scripts/pack_for_device.sh). The launcher adds

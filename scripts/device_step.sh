@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call of a GPU device session (docs/gpu.md, Reproduce), so that each `run` is one short line.
+# One call of a GPU device session (docs/gpu.md, "Reproducing the tables"), so that each `run` is one short line.
 # Back to back on one warm machine, `carry` in brackets (the weight parts as scripts/pack_for_device.sh
 # cut them to fit each 64 MiB call beside the repo; every step keeps any part it carries):
 #   [.gpu/p1, .gpu/tok, .gpu/wa]  bash scripts/device_step.sh unpack p1

@@ -1,4 +1,4 @@
-"""Is GPU blending right? Real weights, identical ids, blend vs full prefill (issue 9).
+"""Is GPU blending right? Real weights, identical ids, blend vs full prefill.
 
     python scripts/gpu_quality.py device --model DIR --out DIR   # on one GPU: start, measure, stop
     python scripts/gpu_quality.py embedded --out DIR             # the same prompts on the CPU engine
@@ -45,8 +45,17 @@ def blend_name(spec: tuple) -> str:
     """fixed_0.15, fast-v_0.15, ...: path, deviation when not k, ratio."""
     path, ratio, dev = (*spec, "k")[:3]
     return f"{path}{'' if dev == 'k' else '-' + dev}_{ratio}"
-FIELDS = ["backend", "model", "engine", "blend_path", "ratio", "prompt_set", "prompts", "first_token_agree",
-          "top20_kl_mean", "exact_kl_mean", "gpus"]
+# docs/benchmarks/gpu_quality.csv's columns; run_id and commit are filled in when a run is published
+def gpu_name() -> str:
+    """The card's short name (H100, H200) for the CSV."""
+    import torch
+
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return next((w for w in name.split() if w[:1] == "H" and w[1:4].isdigit()), name)
+
+
+FIELDS = ["date", "run_id", "commit", "card", "setup", "backend", "model", "engine", "blend_path", "variant",
+          "ratio", "prompt_set", "prompts", "first_token_agree", "top20_kl_mean", "exact_kl_mean"]
 TOPK = 20
 
 
@@ -135,6 +144,7 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
     rows: list[dict] = []
     try:
         notes["failed"] = eng.start_all(engines, timeout)
+        card = gpu_name()
         for name, err in notes["failed"].items():
             print(f"{name} did not start: {err}", flush=True)
         engines = [e for e in engines if e.name not in notes["failed"]]
@@ -161,8 +171,12 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
                 for name, s in summarize(answers, "full").items():
                     ratio = "" if name.startswith("full") else name.split("_", 1)[1]
                     path = "" if name.startswith("full") else name.split("_", 1)[0]
-                    rows.append({"backend": "vllm", "model": "SmolLM2-135M-Instruct (bf16)", "engine": name,
-                                 "blend_path": path, "ratio": ratio, "prompt_set": set_name, **s,
+                    variant = "select-by-v" if path.endswith("-v") else ""
+                    rows.append({"date": time.strftime("%Y-%m-%d"), "card": card,
+                                 "setup": "1 GPU, all engines at once", "backend": "vllm",
+                                 "model": "SmolLM2-135M-Instruct (bf16)", "engine": name,
+                                 "blend_path": path.removesuffix("-v"), "variant": variant, "ratio": ratio,
+                                 "prompt_set": set_name, **s,
                                  "exact_kl_mean": ""})
                     print(set_name, name, s, flush=True)
         write_csv(out / "quality.csv", rows)
@@ -207,7 +221,8 @@ def embedded(out: Path, ratios=RATIOS, sets=("qa",), model: str | None = None) -
             rows.append({"backend": "embedded", "model": "SmolLM2-135M-Instruct (float32)",
                          "engine": "naive_reuse" if r == 0 else f"blend_{r}", "blend_path": "",
                          "ratio": r, "prompt_set": set_name, **s,
-                         "exact_kl_mean": round(statistics.fmean(exact[r]), 4), "gpus": "CPU"})
+                         "exact_kl_mean": round(statistics.fmean(exact[r]), 4), "card": "CPU",
+                         "date": time.strftime("%Y-%m-%d"), "setup": "in process"})
             print(rows[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, rows)

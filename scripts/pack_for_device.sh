@@ -4,7 +4,7 @@
 #   .gpu/tok           SmolLM2's tokenizer files (what the dummy-weight 7B/34B folders borrow)
 #   .gpu/wa, wb, ...   SmolLM2 in bf16 (real weights, for quality), xz-packed and cut so that wa
 #                      rides with p1 + tok, wb with p2, and the rest one per call (the last with the tier)
-# On the device: cat /root/wx/* | xz -d | tar -x -C /root/smol (docs/gpu.md, Reproduce).
+# On the device: cat /root/wx/* | xz -d | tar -x -C /root/smol (docs/gpu.md, "Reproducing the tables").
 # Re-run it when the repo grows: the cuts leave MARGIN bytes (default 1 MB) for later commits.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -252,7 +252,7 @@ def test_context_length_is_read_with_the_key(served, monkeypatch):  # noqa: F811
 
 # ---------------------------------------------------------------- documents
 @pytest.fixture
-def tok(model):
+def tok():
     from helpers.documents import default_tokenizer
 
     return default_tokenizer()

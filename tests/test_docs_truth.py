@@ -8,8 +8,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from helpers import plots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +25,6 @@ PROCESS_WORDS = re.compile(
     re.IGNORECASE)
 SKIP = {"tests/test_docs_truth.py"}  # this file names the words it looks for
 SKIP_SUFFIXES = (".png", ".jpg", ".gguf", ".whl")
-# The files this change owns are held to it now; the rest (code being cleaned in a parallel change)
-# is reported by the xfail test below, not silenced: drop its mark once that change lands.
-STRICT = ("docs/", "notebooks/", "README.md", "helpers/plots.py", "helpers/walkthrough.py",
-          "helpers/tutorial.py", "tests/test_docs_truth.py", "tests/test_notebooks.py",
-          "tests/test_widgets.py")
 
 
 def tracked_files() -> list[str]:
@@ -58,15 +51,10 @@ def process_words(paths) -> list[str]:
 
 
 def test_no_development_process_words():
-    """Files cite a measurement by date, card and commit; history lives in commit messages."""
-    found = process_words(p for p in tracked_files() if p.startswith(STRICT))
+    """Every tracked file (code, docs, CSVs, notebooks) cites a measurement by date, card and commit;
+    history lives in commit messages."""
+    found = process_words(tracked_files())
     assert not found, "development-process words:\n" + "\n".join(found)
-
-
-@pytest.mark.xfail(strict=False, reason="code cleaned in a parallel change: drop this mark when it lands")
-def test_no_development_process_words_in_code():
-    found = process_words(p for p in tracked_files() if not p.startswith(STRICT))
-    assert not found, "development-process words (code):\n" + "\n".join(found)
 
 
 def test_process_word_pattern_catches_them():

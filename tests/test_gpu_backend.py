@@ -347,7 +347,7 @@ def test_module_imports_nothing_heavy():
 
 
 def test_chat_prompt_ids_same_conversation_as_embedded_and_segments_found_by_lmcache():
-    """Both GPU engines get the chat-templated prompt (issue 9): the template's prefix, each chunk,
+    """Both GPU engines get the chat-templated prompt: the template's prefix, each chunk,
     then the question with the generation header, joined by the ids LMCache splits on."""
     tok = CharTokenizer(bos=False)
     ids = prompts.chat_prompt_ids(tok, ["chunk A", "chunk B"], "Q?", "S")
@@ -448,7 +448,7 @@ def test_validate_harness_labels_rows_with_the_card_it_ran_on(monkeypatch):
 def test_flex_check_runs_on_the_cpu_before_the_device_does(tmp_path):
     """`bench_attention.py flex` at small shapes: every layout and option set it times gives the dense
     reference's answer, both gathers the same rows, and it writes the fields docs/gpu.md reads
-    (device time is scarce: a crash there costs a session's run)."""
+    (a crash on the GPU would lose the run)."""
     import sys
 
     sys.path.insert(0, str(runtime.ROOT / "scripts"))

@@ -1,5 +1,5 @@
 """The GPU tier (`pytest -m gpu`): blending on vLLM + LMCache gives a full prefill's answer, on real
-weights, with both engines given identical ids (issue 9). Skipped, with the reason, on a machine
+weights, with both engines given identical ids. Skipped, with the reason, on a machine
 without a GPU, vLLM, LMCache or the weights.
 
 Needs `KVBLEND_GPU_MODEL`: a folder with real SmolLM2-135M-Instruct weights in bf16, as
@@ -57,13 +57,14 @@ BLENDS = (("fast", 0.05), ("fast", 0.15), ("fast", 1.0), ("fixed", 0.15))
 
 
 def embedded_kl(ratio: float, prompts: int) -> float:
-    """The embedded engine's top-20 KL on the same QA prompts (docs/h200_quality.csv)."""
-    with open(ROOT / "docs" / "h200_quality.csv") as f:
+    """The embedded engine's top-20 KL on the same QA prompts (docs/benchmarks/gpu_quality.csv)."""
+    with open(ROOT / "docs" / "benchmarks" / "gpu_quality.csv") as f:
         for r in csv.DictReader(f):
             if (r["backend"] == "embedded" and r["prompt_set"] == "qa" and int(r["prompts"]) == prompts
                     and float(r["ratio"] or -1) == ratio):
                 return float(r["top20_kl_mean"])
-    raise AssertionError(f"docs/h200_quality.csv has no embedded row at ratio {ratio} for {prompts} prompts")
+    raise AssertionError(f"docs/benchmarks/gpu_quality.csv has no embedded row at ratio {ratio} for "
+                         f"{prompts} prompts")
 
 
 def test_ratio_one_is_a_full_prefill(scores):
@@ -85,19 +86,18 @@ def test_ratio_015_agrees_and_kl_falls_with_the_ratio(scores):
 
 
 def test_ratio_015_within_the_embedded_engine_bound(scores):
-    """Issue 9's bound: at most 1.2 x the embedded engine's KL on the same prompts, plus the floor.
+    """The bound: at most 1.2 x the embedded engine's KL on the same prompts, plus the floor.
 
-    Missed on the H200 while precompute stored chunks computed after the chat prefix (0.0322 against
-    0.0277, 121 prompts); chunks are stored computed alone since, which the GPU's conditions replayed
-    on the CPU put at 0.0237 on the same 121 prompts (scripts/blend_gap_study.py); an H100 measured
-    0.0233 (session 6)."""
+    Chunks must be stored computed alone for it: stored after the chat prefix they scored 0.0322
+    against 0.0277 (H200, 121 prompts); stored alone, the GPU's conditions replayed on the CPU give
+    0.0237 (scripts/blend_gap_study.py) and an H100 measured 0.0233 (docs/benchmarks/gpu_quality.csv)."""
     floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
     r = scores[("fast_0.15", "qa")]
     assert r["top20_kl_mean"] <= 1.2 * embedded_kl(0.15, r["prompts"]) + floor
 
 
 def test_fast_path_gives_the_fixed_paths_answers(scores):
-    """Issue 10: the fast path is the same algorithm; only bf16 noise may separate it from fixed."""
+    """The fast path is the same algorithm; only bf16 noise may separate it from fixed."""
     floor = scores[("full_fp32", "qa")]["top20_kl_mean"]
     fast, fixed = scores[("fast_0.15", "qa")], scores[("fixed_0.15", "qa")]
     assert fast["first_token_agree"] >= fixed["first_token_agree"] - 1
