@@ -394,13 +394,13 @@ def latest_quality(rows: list[dict]) -> list[dict]:
     as many prompts (each run's rows share a `run_id`; older files without one are kept whole)."""
     if not rows or "run_id" not in rows[0]:
         return rows
-    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows if r["backend"] != "embedded"})
+    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows if r["card"] != "CPU"})
     if not gpu_runs:
         return rows
     gpu = [r for r in rows if r["run_id"] == gpu_runs[-1][1]]
     sizes = {r["prompts"] for r in gpu if r["prompt_set"] == "qa"}
     cpu_runs = sorted({(r["date"], r["run_id"]) for r in rows
-                       if r["backend"] == "embedded" and r["prompts"] in sizes})
+                       if r["card"] == "CPU" and r["prompts"] in sizes})
     return gpu + [r for r in rows if cpu_runs and r["run_id"] == cpu_runs[-1][1]]
 
 
