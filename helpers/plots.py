@@ -390,11 +390,14 @@ def load_quality_csv(path: str | Path) -> list[dict] | None:
 
 
 def latest_quality(rows: list[dict]) -> list[dict]:
-    """The current truth of the quality CSV: the latest GPU run's rows and the CPU engine's run on
-    as many prompts (each run's rows share a `run_id`; older files without one are kept whole)."""
+    """The current truth of the quality CSV: the latest GPU run that compares every path (it has
+    LMCache's blender as shipped, `upstream`; the `gpu` tier's re-checks of a few engines do not
+    count) and the CPU engine's latest run on as many prompts. Older files without `run_id` are
+    kept whole."""
     if not rows or "run_id" not in rows[0]:
         return rows
-    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows if r["card"] != "CPU"})
+    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows
+                       if r["card"] != "CPU" and r["blend_path"] == "upstream"})
     if not gpu_runs:
         return rows
     gpu = [r for r in rows if r["run_id"] == gpu_runs[-1][1]]
