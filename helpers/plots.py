@@ -7,14 +7,12 @@ need a running kernel to show anything.
 
 from __future__ import annotations
 
-import csv
 import html
-import math
-import statistics
-from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .gpu_results import crossover, fit_cost_model, median
 
 COLORS = {"blend": "#1f9e89", "full": "#e4572e", "reuse": "#7e57c2", "selected": "#e4572e",
           "kept": "#9fb3c8"}
@@ -208,79 +206,6 @@ def rag_trace(rows: list[dict]) -> go.Figure:
     return _layout(fig, "A RAG trace: blend vs full prefill", height=520)
 
 
-GPU_COLUMNS = {  # our name: accepted spellings in docs/benchmarks/gpu_ttft.csv (and older files)
-    "shape": ("model_shape", "model", "shape"),
-    "tokens": ("prompt_tokens", "tokens", "context_tokens", "n_tokens"),
-    "full_ms": ("full_ttft_ms", "full_ms", "ttft_full_ms"),
-    "blend_ms": ("blend_ttft_ms", "blend_ms", "ttft_blend_ms"),
-    "speedup": ("speedup", "speed_up", "blend_speedup"),
-    "card": ("card", "gpus", "gpu"),
-    "setup": ("setup",),
-    "blend_path": ("blend_path",),
-    "variant": ("variant",),
-    "ids": ("ids",),
-    "date": ("date",),
-    "run_id": ("run_id",),
-    "commit": ("commit",),
-}
-
-
-def load_gpu_csv(path: str | Path) -> list[dict] | None:
-    """Rows of the GPU measurements with our column names, or None if the file does not exist.
-
-    Tolerates a few spellings of each column (older files have `gpus` for the card and no run
-    columns); the speed-up is computed when the file only has the two times. Each row gets a
-    `label` such as "H200, 7B: fast" for charts."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with path.open(newline="") as f:
-        raw = list(csv.DictReader(f))
-    out = []
-    for r in raw:
-        row = {ours: next((r[n] for n in names if r.get(n) not in (None, "")), None)
-               for ours, names in GPU_COLUMNS.items()}
-        if row["tokens"] is None or (row["speedup"] is None and None in (row["full_ms"], row["blend_ms"])):
-            raise ValueError(f"{path}: cannot find the tokens and timing columns in {list(raw[0])}; "
-                             f"expected e.g. {', '.join(n[0] for n in GPU_COLUMNS.values())}")
-        row["tokens"] = int(float(row["tokens"]))
-        for k in ("full_ms", "blend_ms", "speedup"):
-            row[k] = float(row[k]) if row[k] is not None else None
-        if row["speedup"] is None:
-            row["speedup"] = row["full_ms"] / row["blend_ms"]
-        row["shape"] = row["shape"] or "model"
-        row["card"] = row["card"] or "GPU"
-        row["run"] = f"{row['card']}, {row['shape'].split(' (')[0]}"  # one plain-vLLM line per run
-        row["label"] = row["run"] + (f": {row['blend_path']}" if row["blend_path"] else "") + \
-            (f" ({row['variant']})" if row["variant"] else "")
-        out.append(row)
-    return out
-
-
-def latest_runs(rows: list[dict]) -> list[dict]:
-    """The current truth of a GPU CSV: default settings (no `variant`), identical ids on both
-    engines, one engine at a time where the file says so; of those, per card, model shape and blend
-    path, the rows of the latest run (by date, then by order in the file)."""
-    keep = [r for r in rows if not r.get("variant") and r.get("ids") in (None, "identical")
-            and (r.get("setup") is None or "one engine at a time" in r["setup"])]
-    last = {}
-    for i, r in enumerate(keep):
-        key = (r["card"], r["shape"], r["blend_path"])
-        last[key] = max(last.get(key, ("", -1, None)), (r.get("date") or "", i, r.get("run_id")))
-    return [r for r in keep if r.get("run_id") == last[(r["card"], r["shape"], r["blend_path"])][2]]
-
-
-def crossover(rows: list[dict]) -> float | None:
-    """Prompt tokens where blending starts to win (speed-up crosses 1, interpolated on log tokens);
-    None when it never loses or never wins in `rows`."""
-    g = sorted(rows, key=lambda r: r["tokens"])
-    for a, b in zip(g, g[1:], strict=False):
-        if a["speedup"] < 1 <= b["speedup"]:
-            t = (1 - a["speedup"]) / (b["speedup"] - a["speedup"])
-            return math.exp(math.log(a["tokens"]) + t * (math.log(b["tokens"]) - math.log(a["tokens"])))
-    return None
-
-
 def gpu_ttft(rows: list[dict]) -> go.Figure:
     """TTFT on the GPU by prompt length: per run (card and model shape), plain vLLM and one line per
     blend path, labelled with the card, and the prompt length where each path starts to win. Pass
@@ -306,58 +231,6 @@ def gpu_ttft(rows: list[dict]) -> go.Figure:
 
 
 # ------------------------------------------------------------------ notebook 03: a cost model of TTFT
-def fit_cost_model(rows: list[dict]) -> dict:
-    """Fit TTFT_blend = c + r x P + l x n to one run's rows of one blend path by least squares, where
-    P is the plain engine's TTFT at the same prompt (a full prefill), n the prompt tokens (in
-    thousands for `l`): `c` the fixed cost per request (ms), `r` the share of a full prefill the
-    blend still does, `l` the KV load per 1K tokens (ms), kept >= 0 (refitted without it when the
-    free fit makes it negative). Also the model's predictions and its RMS error (ms)."""
-    import numpy as np
-
-    n = np.array([r["tokens"] / 1000 for r in rows])
-    full = np.array([r["full_ms"] for r in rows])
-    y = np.array([r["blend_ms"] for r in rows])
-    cols = [np.ones_like(n), full, n]
-    coef = np.linalg.lstsq(np.c_[tuple(cols)], y, rcond=None)[0] if len(rows) >= 3 else [0, 0, -1]
-    if coef[2] < 0:
-        coef = [*np.linalg.lstsq(np.c_[tuple(cols[:2])], y, rcond=None)[0], 0.0]
-    c, r, load = (float(v) for v in coef)
-    pred = c + r * full + load * n
-    return {"c_ms": c, "r": r, "l_ms_per_1k": load, "predicted_ms": [float(v) for v in pred],
-            "rmse_ms": float(np.sqrt(np.mean((pred - y) ** 2)))}
-
-
-def model_crossover(fit: dict, rows: list[dict]) -> float | None:
-    """Prompt tokens where the fitted model says blending starts to win: the full prefill's TTFT P(n)
-    (interpolated on log tokens between the measured rows) reaches (c + l n) / (1 - r). None when it
-    already wins at the shortest prompt measured, or never within the rows."""
-    g = sorted(rows, key=lambda r: r["tokens"])
-
-    def gain(r):  # > 0 where blending wins
-        return r["full_ms"] * (1 - fit["r"]) - fit["c_ms"] - fit["l_ms_per_1k"] * r["tokens"] / 1000
-
-    if not g or gain(g[0]) >= 0:
-        return None
-    for a, b in zip(g, g[1:], strict=False):
-        if gain(a) < 0 <= gain(b):
-            t = -gain(a) / (gain(b) - gain(a))
-            return math.exp(math.log(a["tokens"]) + t * (math.log(b["tokens"]) - math.log(a["tokens"])))
-    return None
-
-
-def cost_models(rows: list[dict]) -> list[dict]:
-    """One fitted cost model per card, shape and blend path of `rows` (best `latest_runs`' rows),
-    with the crossover measured and the one the model predicts (None: wins at every length)."""
-    out = []
-    for label in dict.fromkeys(r["label"] for r in rows):
-        g = sorted((r for r in rows if r["label"] == label), key=lambda r: r["tokens"])
-        fit = fit_cost_model(g)
-        out.append({"run": label, "date": g[0].get("date"), "fixed cost c (ms)": round(fit["c_ms"], 1),
-                    "r (share of a prefill)": round(fit["r"], 3),
-                    "KV load l (ms per 1K tokens)": round(fit["l_ms_per_1k"], 2),
-                    "model error (ms, RMS)": round(fit["rmse_ms"], 1),
-                    "crossover measured": crossover(g), "crossover, model": model_crossover(fit, g)})
-    return out
 
 
 def cost_model(rows: list[dict], card: str | None = None) -> go.Figure:
@@ -378,33 +251,6 @@ def cost_model(rows: list[dict], card: str | None = None) -> go.Figure:
                              + (f" + {fit['l_ms_per_1k']:.1f} ms/1K tokens" if fit["l_ms_per_1k"] else ""))
     return _layout(fig, f"TTFT = fixed cost + r x full prefill + KV load, fitted ({card})",
                    xaxis_title="prompt tokens", yaxis_title="blend TTFT (ms)", xaxis_type="log", height=440)
-
-
-def load_quality_csv(path: str | Path) -> list[dict] | None:
-    """Rows of docs/benchmarks/gpu_quality.csv (blend vs full prefill on real weights), or None if missing."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with path.open(newline="") as f:
-        return [{**r, "top20_kl_mean": float(r["top20_kl_mean"])} for r in csv.DictReader(f)]
-
-
-def latest_quality(rows: list[dict]) -> list[dict]:
-    """The current truth of the quality CSV: the latest GPU run that compares every path (it has
-    LMCache's blender as shipped, `upstream`; the `gpu` tier's re-checks of a few engines do not
-    count) and the CPU engine's latest run on as many prompts. Older files without `run_id` are
-    kept whole."""
-    if not rows or "run_id" not in rows[0]:
-        return rows
-    gpu_runs = sorted({(r["date"], r["run_id"]) for r in rows
-                       if r["card"] != "CPU" and r["blend_path"] == "upstream"})
-    if not gpu_runs:
-        return rows
-    gpu = [r for r in rows if r["run_id"] == gpu_runs[-1][1]]
-    sizes = {r["prompts"] for r in gpu if r["prompt_set"] == "qa"}
-    cpu_runs = sorted({(r["date"], r["run_id"]) for r in rows
-                       if r["card"] == "CPU" and r["prompts"] in sizes})
-    return gpu + [r for r in rows if cpu_runs and r["run_id"] == cpu_runs[-1][1]]
 
 
 def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
@@ -428,6 +274,3 @@ def gpu_quality(rows: list[dict], prompt_set: str = "qa") -> go.Figure:
                    height=60 + 28 * len(g))
 
 
-def median(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None

@@ -23,7 +23,7 @@ import anywidget
 import ipywidgets as w
 import traitlets as t
 
-from . import client, plots, runtime
+from . import client, gpu_results, plots, runtime
 from . import engines as eng
 from . import library as lib
 from .retrieval import Retriever
@@ -281,7 +281,7 @@ class CompareApp(w.VBox):
         ratios = [r["full"]["ttft_s"] / r["blend"]["ttft_s"] for r in self.history
                   if r["blend"]["ttft_s"] and r["full"]["ttft_s"]
                   and not (r["blend"]["error"] or r["full"]["error"])]
-        return {"history": self.history, "ttft_ratio": plots.median(ratios)}
+        return {"history": self.history, "ttft_ratio": gpu_results.median(ratios)}
 
 
 def answer_record(a: client.Answer) -> dict:

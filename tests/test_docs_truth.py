@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from helpers import plots
+from helpers import gpu_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "benchmarks"
@@ -119,7 +119,7 @@ def test_gpu_md_tables_are_csv_rows():
 
 
 def latest(card: str, shape: str, path: str) -> list[dict]:
-    rows = plots.latest_runs(plots.load_gpu_csv(BENCH / "gpu_ttft.csv"))
+    rows = gpu_results.latest_runs(gpu_results.load_gpu_csv(BENCH / "gpu_ttft.csv"))
     rows = [r for r in rows if r["card"] == card and r["shape"].startswith(shape) and r["blend_path"] == path]
     return sorted(rows, key=lambda r: r["tokens"])
 
@@ -133,7 +133,7 @@ def test_readme_quotes_the_latest_h200_run():
         assert f"{r['speedup']:.2f}x" in README, r
     assert f"2026-12-07, commit `{fast[0]['commit']}`" in README
     for rows, what in ((fast, "fast path"), (upstream, "LMCache's blender")):
-        cross = plots.crossover(rows)
+        cross = gpu_results.crossover(rows)
         assert f"about {cross / 1000:.1f}K" in README, (what, cross)
     assert f"{fast[2]['speedup']:.2f}x at 8K tokens on an H200" in README  # the --blend-path row
 

@@ -131,7 +131,7 @@ def test_02_how_blending_works():
 def test_03_benchmark(engine_ports, tmp_path):
     csv = ARTIFACTS / "03_benchmark.csv"
     gpu_csv = tmp_path / "gpu_ttft.csv"  # an older format (no run columns): the GPU section runs too
-    gpu_csv.write_text("model_shape,gpus,target_tokens,prompt_tokens,full_ttft_ms,blend_ttft_ms,speedup\n"
+    gpu_csv.write_text("model_shape,card,target_tokens,prompt_tokens,full_ttft_ms,blend_ttft_ms,speedup\n"
                        "7b,2x H200,4000,4100,310.5,120.2,2.58\n7b,2x H200,8000,8150,720.0,210.0,3.43\n")
     res, nb = execute("03_benchmark.ipynb", **engine_ports, SIZES=[500, 1500], REPEATS=2, CSV_PATH=str(csv),
                       GPU_CSV=str(gpu_csv), TRACE_QUESTIONS=3, TRACE_MAX_TOKENS=4)

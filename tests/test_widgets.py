@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import pytest
 import traitlets
 
-from helpers import client, corpus, plots, runtime, tutorial, widgets
+from helpers import client, corpus, gpu_results, plots, runtime, tutorial, widgets
 from helpers import engines as eng
 from helpers.metrics import f1
 
@@ -291,11 +291,11 @@ def test_live_chart_gains_points():
 
 
 def test_gpu_csv(tmp_path):
-    assert plots.load_gpu_csv(tmp_path / "missing.csv") is None
+    assert gpu_results.load_gpu_csv(tmp_path / "missing.csv") is None
     path = tmp_path / "h200.csv"
-    path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms\n"
+    path.write_text("model_shape,card,prompt_tokens,full_ttft_ms,blend_ttft_ms\n"
                     "7b,2x H200,4000,400,100\n7b,2x H200,8000,900,200\n")
-    rows = plots.load_gpu_csv(path)  # no speedup column: computed
+    rows = gpu_results.load_gpu_csv(path)  # no speedup column: computed
     keys = ("run", "label", "shape", "card", "tokens", "full_ms", "blend_ms", "speedup")
     assert {k: rows[0][k] for k in keys} == {
         "run": "2x H200, 7b", "label": "2x H200, 7b", "shape": "7b", "card": "2x H200", "tokens": 4000,
@@ -304,26 +304,26 @@ def test_gpu_csv(tmp_path):
     assert isinstance(plots.gpu_ttft(rows), go.Figure)
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="cannot find"):
-        plots.load_gpu_csv(path)
+        gpu_results.load_gpu_csv(path)
 
 
 def test_gpu_chart_has_one_plain_line_and_a_line_per_path_with_its_crossover(tmp_path):
     path = tmp_path / "h200.csv"
-    path.write_text("model_shape,gpus,prompt_tokens,full_ttft_ms,blend_ttft_ms,blend_path\n"
+    path.write_text("model_shape,card,prompt_tokens,full_ttft_ms,blend_ttft_ms,blend_path\n"
                     "7b,1x,2000,50,100,fast\n7b,1x,8000,200,100,fast\n"
                     "7b,1x,2000,50,150,upstream\n7b,1x,8000,200,190,upstream\n")
-    fig = plots.gpu_ttft(plots.load_gpu_csv(path))
+    fig = plots.gpu_ttft(gpu_results.load_gpu_csv(path))
     names = [t.name for t in fig.data]
     assert len(names) == 3 and "plain vLLM" in names[0]
     assert "fast blend (wins past ~3,175 tokens)" in names[1] and "upstream blend" in names[2]
-    assert plots.crossover([{"tokens": 2000, "speedup": 2.0}]) is None
+    assert gpu_results.crossover([{"tokens": 2000, "speedup": 2.0}]) is None
 
 
 def test_latest_runs_are_the_current_truth():
     """Notebook 03's default charts: the latest run per card, shape and path, at most 8 traces, no
     variant, labelled with their card; the speed-up chart never calls an H100 row an H200's."""
-    rows = plots.load_gpu_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv")
-    latest = plots.latest_runs(rows)
+    rows = gpu_results.load_gpu_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv")
+    latest = gpu_results.latest_runs(rows)
     assert {(r["card"], r["shape"].split()[0], r["blend_path"], r["run_id"]) for r in latest} == {
         ("H200", "7B", "fast", "2026-12-07_h200_7b_fast-upstream"),
         ("H200", "7B", "upstream", "2026-12-07_h200_7b_fast-upstream"),
@@ -347,28 +347,29 @@ def test_cost_model_fits_the_measured_rows():
     made = [{"tokens": n, "full_ms": 0.03 * n + 1e-6 * n * n} for n in (2000, 4000, 8000, 16000)]
     for r in made:
         r["blend_ms"] = 40 + 0.2 * r["full_ms"] + 0.5 * r["tokens"] / 1000
-    fit = plots.fit_cost_model(made)
+    fit = gpu_results.fit_cost_model(made)
     assert abs(fit["c_ms"] - 40) < 1e-6 and abs(fit["r"] - 0.2) < 1e-9
     assert abs(fit["l_ms_per_1k"] - 0.5) < 1e-6
     csv_path = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv"
-    rows = [r for r in plots.latest_runs(plots.load_gpu_csv(csv_path)) if r["shape"].startswith("7B")]
+    latest = gpu_results.latest_runs(gpu_results.load_gpu_csv(csv_path))
+    rows = [r for r in latest if r["shape"].startswith("7B")]
     for card in ("H200", "H100"):
         fast, up = ([r for r in rows if r["card"] == card and r["blend_path"] == p]
                     for p in ("fast", "upstream"))
-        f_fast, f_up = plots.fit_cost_model(fast), plots.fit_cost_model(up)
+        f_fast, f_up = gpu_results.fit_cost_model(fast), gpu_results.fit_cost_model(up)
         assert f_fast["l_ms_per_1k"] >= 0 and f_up["l_ms_per_1k"] >= 0
         assert 2.5 < f_up["c_ms"] / f_fast["c_ms"] < 3.5  # docs/gpu.md: "about three times"
         assert 0.15 < f_fast["r"] < 0.35 and f_fast["rmse_ms"] < 10
-        cross = plots.model_crossover(f_up, up)
-        assert cross and abs(cross / plots.crossover(up) - 1) < 0.25
-    assert len(plots.cost_model(plots.latest_runs(plots.load_gpu_csv(csv_path)), "H200").data) <= 8
+        cross = gpu_results.model_crossover(f_up, up)
+        assert cross and abs(cross / gpu_results.crossover(up) - 1) < 0.25
+    assert len(plots.cost_model(latest, "H200").data) <= 8
 
 
 def test_committed_gpu_measurements_parse():
     path = corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_ttft.csv"
     if not path.exists():
         pytest.skip("docs/benchmarks/gpu_ttft.csv not there yet (notebook 03 says so)")
-    rows = plots.load_gpu_csv(path)
+    rows = gpu_results.load_gpu_csv(path)
     assert rows and all(r["tokens"] > 0 and r["speedup"] > 0 for r in rows)
 
 
@@ -385,7 +386,7 @@ def test_f1():
 
 
 def test_gpu_quality_chart_from_the_committed_csv():
-    rows = plots.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_quality.csv")
+    rows = gpu_results.load_quality_csv(corpus.CORPUS_DIR.parent / "docs" / "benchmarks" / "gpu_quality.csv")
     names = list(plots.gpu_quality(rows).data[0].y)  # the history: every run
     old, new = "H200, 2026-11-29, stored prefix SEP chunk", "H100, 2026-12-06, stored chunk alone"
     for name in (f"vllm: fixed_0.15 (34 prompts, {old})", f"vllm: full_fp32 (121 prompts, {old})",
@@ -393,10 +394,10 @@ def test_gpu_quality_chart_from_the_committed_csv():
                  "embedded: blend_0.15 (34 prompts, CPU, 2026-11-29)"):
         assert name in names
     assert len(set(names)) == len(names)  # every bar its own row
-    current = list(plots.gpu_quality(plots.latest_quality(rows)).data[0].y)  # the latest GPU run + the CPU's
+    current = list(plots.gpu_quality(gpu_results.latest_quality(rows)).data[0].y)  # latest GPU + CPU runs
     assert f"vllm: fast_0.15 (121 prompts, {new})" in current and not any(old in n for n in current)
     assert "embedded: blend_0.15 (121 prompts, CPU, 2026-11-29)" in current and len(current) == 13
-    assert plots.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
+    assert gpu_results.load_quality_csv(corpus.CORPUS_DIR / "missing.csv") is None
 
 
 def test_default_chunks_fit_the_backend(monkeypatch):
