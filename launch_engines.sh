@@ -6,9 +6,9 @@
 #        ./launch_engines.sh --docs DIR   (also your .txt/.md files in DIR, next to ffmpeg/)
 #        ./launch_engines.sh status | stop
 # Paths are taken relative to the folder you run it from. Logs and pid files live in .engines/.
-# See `python -m helpers.engines --help` for every option.
+# See `python -m helpers.launcher --help` for every option.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 PY=$here/.venv/bin/python
 [ -x "$PY" ] || PY=python3
-PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m helpers.engines "$@"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m helpers.launcher "$@"

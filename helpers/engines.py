@@ -1,8 +1,9 @@
 """Start, find and stop the two engines: `blend` (reuses cached chunk KV) on :8000 and `full` (plain
 prefill) on :8001, on either backend.
 
-    python -m helpers.engines start [--backend auto|embedded|vllm] [--model PATH] [--docs DIR]
-    python -m helpers.engines status | stop
+    start(backend, model, blend_port, full_port, ...), stop(), status(), find(name, port)
+
+(`launch_engines.sh`'s command line is `helpers/launcher.py`.)
 
 Each engine is a subprocess in its own process group with its log in `.engines/<name>.log` and a pid
 file `.engines/<name>.json`, so a new kernel, a notebook or `launch_engines.sh stop` finds engines
@@ -10,8 +11,11 @@ another process started. Errors say what happened and what to do; a dying engine
 are shown.
 
 Launchers take turns (an flock on `.engines/launch.lock`), so two at once never start duplicates; a
-pid file is written atomically and names the process just started; an old log is kept as
-`<name>.log.1`, never truncated; `stop` also finds an engine of ours by the port it listens on. An
+pid file is written atomically and records the process's start time, command line, run dir and
+checkout, and start, stop and status act only on a process that still matches it (`runtime.owns`):
+a stale pid file never leads to a stranger being signalled. An old log is kept as `<name>.log.1`,
+never truncated; `stop` also finds an engine of this checkout and run dir by the port it listens on,
+and leaves another's alone. An
 engine that dies, freezes (SIGSTOP) or times out at start is stopped and reported; the healthy one
 keeps running.
 
@@ -21,7 +25,6 @@ This module knows the backends by name only: each is a module with the same few 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -30,7 +33,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from types import ModuleType
 
 from . import runtime
@@ -50,7 +52,6 @@ from .runtime import (
     stopped_state,
     write_atomic,
 )
-from .settings import BLEND, GPU_BLEND
 
 # name -> module; `auto` takes the first one available, so the GPU backend comes first
 BACKENDS = {"vllm": "helpers.gpu.launch", "embedded": "helpers.embedded.launch"}
@@ -342,140 +343,3 @@ def find(name: str, port: int | None = None) -> Engine:
 def precompute(e: Engine, texts: list[str], progress: bool = True) -> dict:
     """Compute the KV of every chunk on the blend engine once, so later prompts hit the cache."""
     return backend(e.backend).precompute(e, texts, progress=progress)
-
-
-def warm(e: Engine, texts: list[str]) -> None:
-    """Precompute the chunks' KV; a failure leaves the (healthy) engines running and says so."""
-    try:
-        res = precompute(e, texts)
-    except EngineError as err:
-        raise EngineError(f"{err}\nThe engines are running but the chunk KV cache is not warm: run "
-                          "`./launch_engines.sh` again to retry, or `./launch_engines.sh stop`.") from err
-    print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
-
-
-def load_library(docs: str | None):
-    """The chunks to precompute: ffmpeg/ plus the documents in `docs`, with skipped files as notes.
-    Raises DocumentsError for a folder that gives no chunks."""
-    import warnings
-
-    from . import library
-    from .documents import DocumentsWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DocumentsWarning)
-        lib = library.load(docs)
-    for w in caught:
-        print(f"note: {w.message}", file=sys.stderr)
-    return lib
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="launch_engines.sh", description="Start/stop the two engines.")
-    ap.add_argument("action", nargs="?", default="start", choices=["start", "stop", "status"])
-    ap.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-    ap.add_argument("--model", default=None, help="model folder (default: SmolLM2 on CPU, Mistral-7B on GPU)")
-    ap.add_argument("--blend-port", type=int, default=PORTS["blend"])
-    ap.add_argument("--full-port", type=int, default=PORTS["full"])
-    ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--no-precompute", action="store_true", help="skip warming the chunk KV cache")
-    ap.add_argument("--docs", metavar="DIR", default=None,
-                    help="also serve your own .txt/.md files in DIR: chunked, precomputed on the blend "
-                         "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
-    ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
-    ap.add_argument("--blend-path", default=None,  # checked by the vLLM backend (helpers/gpu/launch.py)
-                    help="vLLM only: 'fast' (default: our one-pass blender, chunks kept in GPU memory), "
-                         "'fixed' (LMCache's blender, mended) or 'upstream' (LMCache's, as shipped)")
-    ap.add_argument("--gpu-kv-store-gb", type=float, default=None,
-                    help="vLLM fast path only: GPU memory for chunk KV, taken from the blend engine's "
-                         f"--gpu-memory-utilization share (default {GPU_BLEND.store_gb:g})")
-    ap.add_argument("--ratio", type=float, default=BLEND.ratio,
-                    help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
-    ap.add_argument("--check-layer", type=int, default=BLEND.check_layer,
-                    help=f"layer where tokens are selected; layers below it are recomputed for all tokens "
-                         f"(default {BLEND.check_layer})")
-    ap.add_argument("--no-disk-cache", action="store_true",
-                    help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
-    args = ap.parse_args(argv)
-    problem = bad_arguments(args)
-    if problem:
-        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
-        return 2
-    try:
-        return run(args)
-    except EngineError as err:  # e.g. an unusable run folder
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `status | head`: the reader left
-        return 1
-
-
-def bad_arguments(args) -> str | None:
-    """What is wrong with the command line, in one line; None when nothing is. Relative paths are
-    made absolute here, against the caller's folder (the engines run in the checkout)."""
-    for name in ("blend_port", "full_port"):
-        if not 1 <= getattr(args, name) <= 65535:
-            return f"--{name.replace('_', '-')} must be a port number from 1 to 65535"
-    if args.blend_port == args.full_port:
-        return "--blend-port and --full-port must differ"
-    if args.timeout <= 0:
-        return "--timeout must be positive"
-    if not 0 < args.ratio <= 1 or args.check_layer < 0:
-        return "--ratio must be in (0, 1] and --check-layer >= 0"
-    if args.docs is not None:
-        args.docs = str(Path(args.docs).expanduser().resolve())
-    if args.model and Path(args.model).expanduser().exists():
-        args.model = str(Path(args.model).expanduser().resolve())
-    return None
-
-
-def run(args) -> int:
-    if args.action == "stop":
-        from .library import record_docs
-
-        stopped = stop(ports={"blend": args.blend_port, "full": args.full_port})
-        try:
-            record_docs(None)
-        except OSError as err:
-            raise runtime.unusable_run_dir(err) from err
-        print("stopped: " + ", ".join(stopped) if stopped else "no engines of this checkout were running")
-        return 0
-    if args.action == "status":
-        st = status()
-        print(json.dumps(st, indent=2))
-        return 0 if all(s.get("healthy") for s in st.values()) else 1
-    from .documents import DocumentsError
-
-    try:  # a bad folder stops here, before any engine is touched
-        lib = load_library(args.docs)
-    except DocumentsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    kw = {"ratio": args.ratio, "check_layer": args.check_layer, "docs": lib.docs}
-    for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
-        if getattr(args, opt) is not None:
-            kw[opt] = getattr(args, opt)
-    if args.no_disk_cache:
-        kw["kv_dir"] = None
-    try:
-        engines = start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
-        if args.docs:
-            print(f"your documents: {len(lib.doc_names())} chunks from {lib.docs}")
-        if not args.no_precompute:
-            warm(engines[0], list(lib.texts.values()))
-    except (EngineError, DocumentsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: engines this launch started were stopped", file=sys.stderr)
-        return 130
-    for e in engines:
-        print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
-    settings = (runtime.blend_settings(engines[0]) if engines else "") or \
-        f"ratio {args.ratio}, check layer {args.check_layer}"
-    print(f"blend settings: {settings}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import client, engines, library, runtime, tutorial
+from helpers import client, engines, launcher, library, runtime, tutorial
 from helpers.documents import DocumentsError
 from helpers.retrieval import Retriever
 
@@ -37,7 +37,7 @@ def bad_folders(tmp_path) -> dict[str, Path]:
 def test_launcher_refuses_bad_folders_before_starting_anything(tmp_path, run_dir_tmp):
     for message, folder in bad_folders(tmp_path).items():
         # what ./launch_engines.sh runs (it execs this module with the repository's Python)
-        p = subprocess.run([sys.executable, "-m", "helpers.engines", "start", "--docs", str(folder),
+        p = subprocess.run([sys.executable, "-m", "helpers.launcher", "start", "--docs", str(folder),
                             "--backend", "embedded", "--blend-port", "1", "--full-port", "2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, (message, p.stdout, p.stderr)
@@ -70,7 +70,7 @@ def test_docs_are_precomputed_offered_and_retrieved(live_engines, tmp_path, monk
     monkeypatch.setattr(engines, "precompute", lambda e, texts, progress=True: sent.extend(texts) or
                         {"tokens": 0, "computed": len(texts)})
     # the launcher finds the running test engines (same ports, same command line) and reuses them
-    rc = engines.main(["start", "--backend", "embedded", "--blend-port", str(blend.port),
+    rc = launcher.main(["start", "--backend", "embedded", "--blend-port", str(blend.port),
                        "--full-port", str(full.port), "--no-disk-cache", "--docs", str(tmp_path)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -98,5 +98,5 @@ def test_docs_are_precomputed_offered_and_retrieved(live_engines, tmp_path, monk
 def test_stop_forgets_the_documents(tmp_path, run_dir_tmp):
     library.record_docs(tmp_path)
     assert library.recorded_docs() == str(tmp_path.resolve())
-    assert engines.main(["stop"]) == 0
+    assert launcher.main(["stop"]) == 0
     assert library.recorded_docs() is None

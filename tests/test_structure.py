@@ -113,7 +113,7 @@ def test_the_check_sees_a_branch():
 
 def test_launcher_passes_ratio_and_check_layer(monkeypatch, capsys):
     """`launch_engines.sh --ratio R --check-layer L` reaches the engines of either backend."""
-    from helpers import engines
+    from helpers import engines, launcher
 
     got = {}
 
@@ -122,10 +122,10 @@ def test_launcher_passes_ratio_and_check_layer(monkeypatch, capsys):
         return []
 
     monkeypatch.setattr(engines, "start", fake_start)
-    assert engines.main(["--ratio", "0.3", "--check-layer", "2", "--no-precompute"]) == 0
+    assert launcher.main(["--ratio", "0.3", "--check-layer", "2", "--no-precompute"]) == 0
     assert got["ratio"] == 0.3 and got["check_layer"] == 2
     assert "ratio 0.3, check layer 2" in capsys.readouterr().out
-    assert engines.main(["--ratio", "1.5", "--no-precompute"]) == 2
+    assert launcher.main(["--ratio", "1.5", "--no-precompute"]) == 2
     cmd = engines.backend("embedded").engines(None, 8000, 8001, ratio=0.3, check_layer=2)[0].cmd
     assert cmd[cmd.index("--ratio") + 1] == "0.3" and cmd[cmd.index("--check-layer") + 1] == "2"
 

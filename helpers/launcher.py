@@ -1,0 +1,153 @@
+"""`launch_engines.sh`'s command line (the same as `python -m helpers.launcher`): start, status and
+stop of the two engines, with its arguments checked and every error a user can act on in one line
+and a non-zero exit, never a traceback. Relative paths are the caller's: the shell script does not
+change directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import engines, runtime
+from .runtime import PORTS, EngineError
+from .settings import BLEND, GPU_BLEND
+
+
+def warm(e: runtime.Engine, texts: list[str]) -> None:
+    """Precompute the chunks' KV; a failure leaves the (healthy) engines running and says so."""
+    try:
+        res = engines.precompute(e, texts)
+    except EngineError as err:
+        raise EngineError(f"{err}\nThe engines are running but the chunk KV cache is not warm: run "
+                          "`./launch_engines.sh` again to retry, or `./launch_engines.sh stop`.") from err
+    print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
+
+
+def load_library(docs: str | None):
+    """The chunks to precompute: ffmpeg/ plus the documents in `docs`, with skipped files as notes.
+    Raises DocumentsError for a folder that gives no chunks."""
+    import warnings
+
+    from . import library
+    from .documents import DocumentsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DocumentsWarning)
+        lib = library.load(docs)
+    for w in caught:
+        print(f"note: {w.message}", file=sys.stderr)
+    return lib
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="launch_engines.sh", description="Start/stop the two engines.")
+    ap.add_argument("action", nargs="?", default="start", choices=["start", "stop", "status"])
+    ap.add_argument("--backend", default="auto", choices=["auto", *engines.BACKENDS])
+    ap.add_argument("--model", default=None, help="model folder (default: SmolLM2 on CPU, Mistral-7B on GPU)")
+    ap.add_argument("--blend-port", type=int, default=PORTS["blend"])
+    ap.add_argument("--full-port", type=int, default=PORTS["full"])
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--no-precompute", action="store_true", help="skip warming the chunk KV cache")
+    ap.add_argument("--docs", metavar="DIR", default=None,
+                    help="also serve your own .txt/.md files in DIR: chunked, precomputed on the blend "
+                         "engine, offered in the notebooks' picker and retriever next to ffmpeg/")
+    ap.add_argument("--load-format", default=None, help="vLLM only: 'dummy' for random weights")
+    ap.add_argument("--blend-path", default=None,  # checked by the vLLM backend (helpers/gpu/launch.py)
+                    help="vLLM only: 'fast' (default: our one-pass blender, chunks kept in GPU memory), "
+                         "'fixed' (LMCache's blender, mended) or 'upstream' (LMCache's, as shipped)")
+    ap.add_argument("--gpu-kv-store-gb", type=float, default=None,
+                    help="vLLM fast path only: GPU memory for chunk KV, taken from the blend engine's "
+                         f"--gpu-memory-utilization share (default {GPU_BLEND.store_gb:g})")
+    ap.add_argument("--ratio", type=float, default=BLEND.ratio,
+                    help=f"share of cached tokens the blend engine recomputes (default {BLEND.ratio})")
+    ap.add_argument("--check-layer", type=int, default=BLEND.check_layer,
+                    help=f"layer where tokens are selected; layers below it are recomputed for all tokens "
+                         f"(default {BLEND.check_layer})")
+    ap.add_argument("--no-disk-cache", action="store_true",
+                    help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
+    args = ap.parse_args(argv)
+    problem = bad_arguments(args)
+    if problem:
+        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
+        return 2
+    try:
+        return run(args)
+    except EngineError as err:  # e.g. an unusable run folder
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `status | head`: the reader left
+        return 1
+
+
+def bad_arguments(args) -> str | None:
+    """What is wrong with the command line, in one line; None when nothing is. Relative paths are
+    made absolute here, against the caller's folder (the engines run in the checkout)."""
+    for name in ("blend_port", "full_port"):
+        if not 1 <= getattr(args, name) <= 65535:
+            return f"--{name.replace('_', '-')} must be a port number from 1 to 65535"
+    if args.blend_port == args.full_port:
+        return "--blend-port and --full-port must differ"
+    if args.timeout <= 0:
+        return "--timeout must be positive"
+    if not 0 < args.ratio <= 1 or args.check_layer < 0:
+        return "--ratio must be in (0, 1] and --check-layer >= 0"
+    if args.docs is not None:
+        args.docs = str(Path(args.docs).expanduser().resolve())
+    if args.model and Path(args.model).expanduser().exists():
+        args.model = str(Path(args.model).expanduser().resolve())
+    return None
+
+
+def run(args) -> int:
+    if args.action == "stop":
+        from .library import record_docs
+
+        stopped = engines.stop(ports={"blend": args.blend_port, "full": args.full_port})
+        try:
+            record_docs(None)
+        except OSError as err:
+            raise runtime.unusable_run_dir(err) from err
+        print("stopped: " + ", ".join(stopped) if stopped else "no engines of this checkout were running")
+        return 0
+    if args.action == "status":
+        st = engines.status()
+        print(json.dumps(st, indent=2))
+        return 0 if all(s.get("healthy") for s in st.values()) else 1
+    from .documents import DocumentsError
+
+    try:  # a bad folder stops here, before any engine is touched
+        lib = load_library(args.docs)
+    except DocumentsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    kw = {"ratio": args.ratio, "check_layer": args.check_layer, "docs": lib.docs}
+    for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
+        if getattr(args, opt) is not None:
+            kw[opt] = getattr(args, opt)
+    if args.no_disk_cache:
+        kw["kv_dir"] = None
+    try:
+        started = engines.start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
+        if args.docs:
+            print(f"your documents: {len(lib.doc_names())} chunks from {lib.docs}")
+        if not args.no_precompute:
+            warm(started[0], list(lib.texts.values()))
+    except (EngineError, DocumentsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: engines this launch started were stopped", file=sys.stderr)
+        return 130
+    for e in started:
+        print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
+    settings = (runtime.blend_settings(started[0]) if started else "") or \
+        f"ratio {args.ratio}, check layer {args.check_layer}"
+    print(f"blend settings: {settings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
