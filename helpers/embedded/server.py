@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime import api_key
 from ..settings import BLEND, BlendSettings
 from .blend import ContextTooLong
 from .generate import Generator
@@ -108,6 +108,18 @@ class Engine:
             raise BadRequest(f"'{param}' is {n_chars} characters: it cannot fit the context of {ctx} "
                              f"tokens (at most {ctx * CHARS_PER_TOKEN} characters are read).", param,
                              code="context_length_exceeded")
+
+    def check_texts(self, texts: list[str]) -> None:
+        """Every chunk text must fit the context, checked before any is computed. Tokenizes: call it
+        off the event loop."""
+        for i, text in enumerate(texts):
+            self.check_chars(len(text), f"texts[{i}]")
+        ctx = self.gen.context_length
+        for i, text in enumerate(texts):
+            n = len(self.gen.tok.encode(text, add_special_tokens=False))
+            if n > ctx:
+                raise BadRequest(f"'texts[{i}]' is {n} tokens, over the context of {ctx}: split it into "
+                                 "smaller chunks.", f"texts[{i}]", code="context_length_exceeded")
 
     def request(self, body: CompletionRequest | ChatRequest, chat: bool) -> GenRequest:
         """Checks that need the model, then the generator's request (its segments: token ids).
@@ -320,16 +332,7 @@ def create_app(gen: Generator, api_key: str | None = None, max_queue: int = MAX_
 
     @app.post("/v1/kv/precompute")
     async def kv_precompute(body: PrecomputeRequest):
-        """Every text must fit the context (checked, off the event loop, before any is computed)."""
-        for i, text in enumerate(body.texts):
-            engine.check_chars(len(text), f"texts[{i}]")
-        counts = await asyncio.to_thread(lambda: [len(gen.tok.encode(t, add_special_tokens=False))
-                                                  for t in body.texts])
-        for i, n in enumerate(counts):
-            if n > gen.context_length:
-                raise BadRequest(f"'texts[{i}]' is {n} tokens, over the context of {gen.context_length}: "
-                                 "split it into smaller chunks.", f"texts[{i}]",
-                                 code="context_length_exceeded")
+        await asyncio.to_thread(engine.check_texts, body.texts)
         engine.admission.enter()
         try:
             results = await asyncio.to_thread(engine.on_model,
@@ -376,7 +379,7 @@ def main(argv=None):
     ap.add_argument("--cache-bytes", type=float, default=4e9, help="in-memory chunk KV budget")
     ap.add_argument("--cache-dir", default=None, help="directory that keeps chunk KV across restarts")
     ap.add_argument("--cache-disk-bytes", type=float, default=8e9, help="disk budget of --cache-dir")
-    ap.add_argument("--api-key", default=os.environ.get("KVBLEND_API_KEY") or None,
+    ap.add_argument("--api-key", default=api_key(),
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $KVBLEND_API_KEY)")
     ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests running or waiting")
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
