@@ -18,9 +18,11 @@ The idea in four steps, for a prompt `prefix # # chunk_1 # # ... # # chunk_m # #
 ratio = 1.0 recomputes everything and equals a full prefill; ratio = 0 is "full KV reuse": cached KV
 as is, only the question computed (the paper's baseline that goes wrong).
 
-Two choices differ from LMCache's blender, both measured (`python -m helpers.bench blend`):
-- deviation on V, as CacheBlend's original code (LMCache compares K): on 20 reordered prompts per
-  size, KL to full prefill 0.020/0.043/0.037 (V) vs 0.021/0.046/0.039 (K) at 1.2K/2.2K/4.2K tokens;
+Two choices differ from LMCache's blender:
+- deviation on V, as CacheBlend's original code (LMCache compares K; `BlendSettings.deviation`
+  switches it). The two are close: on the QA prompts with chunks stored alone K is a little closer
+  to a full prefill (`docs/benchmarks/blend_gap_study.csv`, notebook 02's "K or V?"), which is why
+  the GPU keeps LMCache's K; this engine keeps V so notebook 02 can show CacheBlend's own rule;
 - `ratio` counts cached tokens only (LMCache: all tokens), and at the check layer every token keeps
   its fresh K/V (computed anyway for the deviation; LMCache keeps the cached one for unselected).
 
