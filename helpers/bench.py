@@ -18,7 +18,7 @@ import time
 from . import corpus
 from .metrics import kl
 from .prompts import chat_segments
-from .runtime import EngineError
+from .runtime import EngineError, run_cli
 from .settings import BLEND, BlendSettings
 
 
@@ -166,19 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16, help="rag: answer length")
     ap.add_argument("--blend-port", type=int, default=None, help="rag: the blend engine's port")
     ap.add_argument("--full-port", type=int, default=None, help="rag: the full engine's port")
-    args = ap.parse_args(argv)
-    problem = bad_arguments(args)
-    if problem:
-        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
-        return 2
-    try:
-        run(args)
-    except EngineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_cli(ap, argv, bad_arguments, run)
 
 
 def bad_arguments(args) -> str | None:

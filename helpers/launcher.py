@@ -68,18 +68,7 @@ def main(argv=None) -> int:
                          f"(default {BLEND.check_layer})")
     ap.add_argument("--no-disk-cache", action="store_true",
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
-    args = ap.parse_args(argv)
-    problem = bad_arguments(args)
-    if problem:
-        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
-        return 2
-    try:
-        return run(args)
-    except EngineError as err:  # e.g. an unusable run folder
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `status | head`: the reader left
-        return 1
+    return runtime.run_cli(ap, argv, bad_arguments, run)
 
 
 def bad_arguments(args) -> str | None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,26 @@ def key_tag(key: str | None) -> str | None:
 
 class EngineError(RuntimeError):
     """Something a user can act on: the message says what happened and what to do."""
+
+
+def run_cli(ap, argv, check, run) -> int:
+    """A command line's life: parse `argv` with the ArgumentParser `ap`, `check(args)` (a message for
+    bad input: printed in one line, exit 2), then `run(args)` (an EngineError: one line, exit 1).
+    Never a traceback for what a user can fix."""
+    args = ap.parse_args(argv)
+    problem = check(args)
+    if problem:
+        print(f"{ap.prog}: error: {problem}", file=sys.stderr)  # one line, no usage screen
+        return 2
+    try:
+        return run(args) or 0
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `status | head`: the reader left
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 @dataclass
