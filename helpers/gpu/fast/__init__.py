@@ -43,3 +43,16 @@ class FastPath:
     settings: GpuBlendSettings = GPU_BLEND
     store: ChunkStore | None = None
     failed: bool = False
+
+
+def tp_group():
+    """vLLM's tensor-parallel process group when this engine has more than one rank, else None:
+    `select_tokens` all-reduces the deviation over it, so every rank selects the same tokens."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_tp_group()
+    return group.device_group if group.world_size > 1 else None

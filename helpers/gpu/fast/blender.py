@@ -13,7 +13,7 @@ import torch
 
 from ...selection import select_tokens
 from ...settings import GPU_BLEND, GpuBlendSettings
-from . import FastPath
+from . import FastPath, tp_group
 from .attention import attend_selected, prefix_split
 from .graphs import GRAPH_MAX_TOKENS, Tail, Tails
 from .masks import exact_causal_mask
@@ -48,6 +48,7 @@ class FastBlender:
         self.deviation = settings.deviation
         self.check = min(lmc.common_metadata.check_layers)
         self.ratio = float(lmc.common_metadata.recomp_ratios[0])
+        self.tp_group = tp_group()  # ranks holding other KV heads select with this one (None: one rank)
         self.full_attention = lmc.layerwise_model.lmc_attn_layers  # FlashAttention, all queries
         self.rerotate = lmc.layerwise_model.fused_rotary_emb  # K from old to new positions
         cache = getattr(self.rerotate, "cos_sin_cache", None)
@@ -154,7 +155,7 @@ class FastBlender:
             else:  # the check layer: which cached tokens deviate most from a fresh computation?
                 fresh, old = (v, self.store.cached(i, 1, index)) if self.deviation == "v" else \
                     (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
-                selected = select_tokens(deviation(fresh, old), self.ratio, gaps)
+                selected = self.select(fresh, old, gaps)
                 q, residual = q[selected], residual[selected]
                 mask = exact_causal_mask(selected, n_all, self.split_for(n_all))
                 out = self.attend(q, keys, values, mask, attn.attn.impl.scale)
@@ -203,6 +204,10 @@ class FastBlender:
             hidden, _ = attn.o_proj(out.reshape(t.n_pad, heads * d))
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
             hidden = layer.mlp(hidden)
+
+    def select(self, fresh, cached, gaps) -> torch.Tensor:
+        """The tokens to recompute past the check layer, the same on every tensor-parallel rank."""
+        return select_tokens(deviation(fresh, cached), self.ratio, gaps, self.tp_group)
 
     def split_for(self, n_keys: int) -> int:
         """exact_causal_mask's `split` for a prompt of n_keys tokens (settings.prefix_attention)."""
