@@ -250,6 +250,7 @@ def fake_stack(monkeypatch):
         "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
         "lmcache": {}, "lmcache.integration": {}, "lmcache.integration.vllm": {},
         "lmcache.integration.vllm.utils": {"ENGINE_NAME": "vllm-instance"},
+        "lmcache.integration.vllm.vllm_v1_adapter": {"extract_request_configs": lambda sampling_params: None},
         "lmcache.v1": {}, "lmcache.v1.compute": {}, "lmcache.v1.compute.models": {},
         "lmcache.v1.compute.models.utils": {"VLLMModelTracker": Tracker},
         "lmcache.v1.gpu_connector": {}, "lmcache.v1.gpu_connector.gpu_connectors": {"lmc_ops": ops},

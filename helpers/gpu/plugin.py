@@ -194,6 +194,38 @@ def _refuse_blending(reason: str) -> None:
         log.error("kvblend plugin: cannot stop the engine at load either (%s: %s)", type(err).__name__, err)
 
 
+SAVE_KEY = "lmcache.save"  # kv_transfer_params {"lmcache.save": true}: this request's segments are stored
+
+
+def save_only_on_request(original):
+    """Wrap LMCache's `extract_request_configs` (its connector's reading of a request's
+    `kv_transfer_params`): a request that does not ask to be saved gets `lmcache.skip_save`.
+
+    LMCache saves every request's segments unless it sends `lmcache.skip_save`. In a blend engine
+    that stores every question and every chunk computed after other chunks (a plain OpenAI client
+    sends nothing): the next prompt would blend KV that carries other chunks' context. Only the
+    precompute (`helpers.gpu.launch.precompute`), which computes each chunk alone, asks. The keys of
+    what is stored stay the same: LMCache keys by tokens and `lmcache.tag.*` only."""
+
+    @functools.wraps(original)
+    def extract_request_configs(sampling_params):
+        configs = original(sampling_params)
+        if (configs or {}).get(SAVE_KEY) is True:
+            return configs
+        return {**(configs or {}), "lmcache.skip_save": True}
+
+    extract_request_configs._kvblend = True
+    return extract_request_configs
+
+
+def _save_only_on_request() -> None:
+    from lmcache.integration.vllm import vllm_v1_adapter
+
+    original = vllm_v1_adapter.extract_request_configs
+    if not getattr(original, "_kvblend", False):
+        vllm_v1_adapter.extract_request_configs = save_only_on_request(original)
+
+
 def _use_fast_path() -> None:
     """LMCache's blend and lookup through the fast path (each wrapped once per process)."""
     from lmcache.v1.cache_engine import LMCacheEngine
@@ -218,6 +250,7 @@ def _patch() -> GpuBlendSettings:
     from .mended import mend_blender
 
     _register_model_after_load()
+    _save_only_on_request()
     route_4d_kv_transfer()
     if settings.path in ("fixed", "fast"):
         mend_blender(settings)  # the fast path falls back to the mended blender
