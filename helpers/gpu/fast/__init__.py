@@ -38,11 +38,16 @@ if TYPE_CHECKING:
 @dataclass
 class FastPath:
     """The fast path in one engine process: its settings, its GPU chunk store (None until the
-    model is loaded, or with none) and whether it failed (then LMCache's blender takes over)."""
+    model is loaded, or with none) and how many prompts fell back to LMCache's blender: all of
+    them (`fallbacks`: no room in the store, no chunk hit, or an error) and those after an error
+    (`failures`). A failure sends that prompt alone to LMCache's blender; the next one tries again.
+    The counts are in the log only: vLLM's /metrics is served by its API server process, which
+    sees no counter of the engine process unless PROMETHEUS_MULTIPROC_DIR is set."""
 
     settings: GpuBlendSettings = GPU_BLEND
     store: ChunkStore | None = None
-    failed: bool = False
+    fallbacks: int = 0
+    failures: int = 0
 
 
 def tp_group():

@@ -2,7 +2,7 @@
 
 A chunk missing from the GPU chunk store is read once from LMCache's host store (all layers) and
 kept, least recently used out first. When a prompt's chunks cannot all fit, or anything here fails,
-the request falls back to LMCache's blender with our fixes (the `fixed` path), logged once."""
+that request falls back to LMCache's blender with our fixes (the `fixed` path), logged and counted."""
 
 from __future__ import annotations
 
@@ -221,23 +221,30 @@ class FastBlender:
 
 def wrap_blend(original, path: FastPath):
     """Wrap `LMCBlender.blend`: blend in one pass (`FastBlender`) when the GPU chunk store can hold
-    the prompt's chunks; else, or if it fails, LMCache's blender with our fixes (logged)."""
+    the prompt's chunks; else, or if it fails, that prompt alone goes to LMCache's blender with our
+    fixes (each fallback logged with the engine's count). After a failure the next prompt gets a
+    new FastBlender (fresh buffers and graphs): one error, e.g. a transient OOM, costs one prompt."""
 
     @functools.wraps(original)
     def blend(self, tokens, mask=None, **kwargs):
-        if path.store is not None and not path.failed:
+        if path.store is None:
+            return original(self, tokens, mask, **kwargs)
+        try:
             fast = getattr(self, "_kvblend_fast", None)
-            try:
-                if fast is None:
-                    fast = self._kvblend_fast = FastBlender(self, path.store, path.settings)
-                if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
-                    return None
-                log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): "
-                         "this prompt goes through LMCache's blender")
-            except Exception:
-                path.failed = True
-                log.exception("fast blend path failed: this and every later prompt go through "
-                              "LMCache's blender (with our fixes)")
+            if fast is None:
+                fast = self._kvblend_fast = FastBlender(self, path.store, path.settings)
+            if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
+                return None
+            path.fallbacks += 1
+            log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): this prompt goes "
+                     "through LMCache's blender (fallback %d of this engine)", path.fallbacks)
+        except Exception:
+            self._kvblend_fast = None
+            path.fallbacks += 1
+            path.failures += 1
+            log.exception("fast blend path failed: this prompt goes through LMCache's blender (with our "
+                          "fixes), the next one tries the fast path again (failure %d, fallback %d of this "
+                          "engine)", path.failures, path.fallbacks)
         return original(self, tokens, mask, **kwargs)
 
     blend._kvblend = True
