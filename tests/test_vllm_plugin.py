@@ -401,6 +401,8 @@ def test_parallel_engines_are_refused_at_load(fake_stack, tmp_path, monkeypatch,
     (vllm_config(prefix_caching=True), "--no-enable-prefix-caching"),
     (vllm_config(eager=False), "--enforce-eager"),
     (vllm_config(budget=2048, context=32768), "--max-num-batched-tokens 2048 is below --max-model-len 32768"),
+    (types.SimpleNamespace(**vars(vllm_config()), kv_transfer_config=types.SimpleNamespace(
+        kv_connector_extra_config={"use_native": True})), '"use_native": true; drop it'),
 ])
 def test_unrun_serving_settings_are_refused_at_load(fake_stack, tmp_path, monkeypatch, config, says):
     """What a hand-started `vllm serve` gets by default."""

@@ -121,7 +121,8 @@ def check_serving_settings(config) -> list[str]:
     - CUDA graphs (no --enforce-eager): LMCache's layer-wise blending breaks under vLLM's graphs
       (LMCache #2639), and no blend path has run so;
     - a token budget below the context: a longer prompt is prefilled in chunks, which LMCache's
-      blender does not blend as one prompt, and its blend would run beyond the memory vLLM profiled."""
+      blender does not blend as one prompt, and its blend would run beyond the memory vLLM profiled;
+    - vLLM's own copy of LMCache's connector (`use_native`): the save policy is not applied there."""
     model, cache, scheduler = config.model_config, config.cache_config, config.scheduler_config
     problems = []
     if getattr(cache, "enable_prefix_caching", False):
@@ -133,6 +134,10 @@ def check_serving_settings(config) -> list[str]:
     if budget is not None and context is not None and budget < context:
         problems.append(f"--max-num-batched-tokens {budget} is below --max-model-len {context}, so longer "
                         f"prompts would be prefilled in chunks (pass --max-num-batched-tokens {context})")
+    transfer = getattr(config, "kv_transfer_config", None)
+    if (getattr(transfer, "kv_connector_extra_config", None) or {}).get("use_native"):
+        # vLLM's in-tree copy of LMCache's connector: the save policy patches LMCache's own
+        problems.append('the KV connector is vLLM\'s copy of LMCache\'s ("use_native": true; drop it)')
     if problems:
         raise BlendRefused("kvblend: this blend engine's settings were never run with blending: "
                            + "; ".join(problems) + ". docs/gpu.md, \"Starting the blend engine by hand\", "
