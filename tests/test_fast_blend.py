@@ -466,17 +466,63 @@ def test_plugin_falls_back_to_lmcache_when_the_fast_path_cannot(monkeypatch, cap
             return tokens == "fits"
 
     monkeypatch.setattr(bl, "FastBlender", Fast)
-    blend = bl.wrap_blend(original, FastPath(store=object()))
+    path = FastPath(store=object())
+    blend = bl.wrap_blend(original, path)
     lmc = types.SimpleNamespace()
     blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
-    blend(lmc, "no room", None, kvcaches=[], slot_mapping=None)
-    assert calls == ["fast", "fast", "lmcache"]
+    with caplog.at_level(logging.INFO, logger="vllm.kvblend_plugin"):
+        blend(lmc, "no room", None, kvcaches=[], slot_mapping=None)
+    assert calls == ["fast", "fast", "lmcache"] and "(fallback 1 of this engine)" in caplog.text
+    fast = lmc._kvblend_fast
     with caplog.at_level(logging.ERROR, logger="vllm.kvblend_plugin"):
-        blend(lmc, "boom", None, kvcaches=[], slot_mapping=None)
-    assert "fast blend path failed" in caplog.text and calls[-2:] == ["fast", "lmcache"]
+        blend(lmc, "boom", None, kvcaches=[], slot_mapping=None)  # e.g. a transient OOM
+    assert "fast blend path failed" in caplog.text and "(failure 1, fallback 2 of this engine)" in caplog.text
+    assert calls[-2:] == ["fast", "lmcache"] and (path.fallbacks, path.failures) == (2, 1)
     calls.clear()
     blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
-    assert calls == ["lmcache"]  # after a failure, LMCache's blender only
+    blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
+    assert calls == ["fast", "fast"]  # that prompt fell back alone: the fast path stays on
+    assert lmc._kvblend_fast is not fast  # with a new blender (fresh buffers and graphs)
+    path.store = None  # no store: LMCache's blender, not counted
+    blend(lmc, "fits", None, kvcaches=[], slot_mapping=None)
+    assert calls[-1] == "lmcache" and path.fallbacks == 2
+
+
+def quantized_model():
+    """A vLLM model whose qkv_proj has no `weight` (AWQ/GPTQ keep qweight, scales, zeros)."""
+    attn = types.SimpleNamespace(num_kv_heads=KV_HEADS, head_size=D)
+    qkv = types.SimpleNamespace(qweight=torch.zeros(4, dtype=torch.int32))
+    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(attn=attn, qkv_proj=qkv))
+    return types.SimpleNamespace(model=types.SimpleNamespace(layers=[layer] * LAYERS))
+
+
+@pytest.mark.parametrize("model_config,dtype", [
+    (types.SimpleNamespace(dtype=torch.bfloat16), torch.bfloat16),
+    (types.SimpleNamespace(dtype="auto", hf_config=types.SimpleNamespace(torch_dtype="float16")),
+     torch.float16),
+    (types.SimpleNamespace(dtype=None, hf_config=types.SimpleNamespace(torch_dtype=torch.bfloat16)),
+     torch.bfloat16),
+])
+def test_the_store_takes_its_dtype_from_the_model_config(monkeypatch, model_config, dtype):
+    """Not from qkv_proj.weight: quantized layers have none (AWQ, GPTQ) or an fp8 one."""
+    card = types.SimpleNamespace(total_memory=80e9)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    runner = types.SimpleNamespace(model_memory_usage=int(4e9))
+    worker = types.SimpleNamespace(cache_config=types.SimpleNamespace(gpu_memory_utilization=0.9),
+                                   vllm_config=types.SimpleNamespace(model_config=model_config),
+                                   device=torch.device("cpu"), model_runner=runner)
+    chunk_store = st.make_store(worker, quantized_model(), 0.001)
+    assert chunk_store.kv.dtype == dtype and chunk_store.kv.shape[0] == LAYERS
+    assert chunk_store.kv.shape[-1] == KV_HEADS * D and runner.model_memory_usage == int(4e9) + int(1e6)
+
+
+def test_a_model_config_without_a_float_dtype_says_what_to_pass():
+    fp8 = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float8_e4m3fn))
+    with pytest.raises(RuntimeError, match="--dtype bfloat16"):
+        st.model_dtype(fp8)
+    unknown = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype="auto", hf_config=None))
+    with pytest.raises(RuntimeError, match="cannot tell"):
+        st.model_dtype(unknown)
 
 
 class Storage:

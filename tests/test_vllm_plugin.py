@@ -197,18 +197,30 @@ def test_blending_enabled(tmp_path):
     assert vp.blending_enabled({"LMCACHE_ENABLE_BLENDING": "True"})
 
 
+def vllm_config(tp=1, pp=1, prefix_caching=False, eager=True, budget=4096, context=4096):
+    """vLLM's config as the worker holds it (`Worker.vllm_config`), as our launcher starts it."""
+    ns = types.SimpleNamespace
+    return ns(parallel_config=ns(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+              model_config=ns(enforce_eager=eager, max_model_len=context, dtype=torch.bfloat16),
+              cache_config=ns(enable_prefix_caching=prefix_caching),
+              scheduler_config=ns(max_num_batched_tokens=budget))
+
+
 @pytest.fixture
 def fake_stack(monkeypatch):
-    """Just enough of vLLM and LMCache, as modules, for register() to patch."""
+    """Just enough of vLLM and LMCache, as modules, for register() to patch (the tested pair)."""
     registered = []
+    monkeypatch.setattr(vp, "installed_version", {"vllm": "0.26.0", "lmcache": "0.5.3"}.get)
+    monkeypatch.delenv("KVBLEND_SKIP_VERSION_CHECK", raising=False)
 
     class Runner:
         def get_model(self):
             return "the-model"
 
     class Worker:
-        def __init__(self):
+        def __init__(self, config=None):
             self.model_runner = Runner()
+            self.vllm_config = config or vllm_config()
 
         def load_model(self, *, load_dummy_weights=False):
             return ("loaded", load_dummy_weights)
@@ -238,6 +250,7 @@ def fake_stack(monkeypatch):
         "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
         "lmcache": {}, "lmcache.integration": {}, "lmcache.integration.vllm": {},
         "lmcache.integration.vllm.utils": {"ENGINE_NAME": "vllm-instance"},
+        "lmcache.integration.vllm.vllm_v1_adapter": {"extract_request_configs": lambda sampling_params: None},
         "lmcache.v1": {}, "lmcache.v1.compute": {}, "lmcache.v1.compute.models": {},
         "lmcache.v1.compute.models.utils": {"VLLMModelTracker": Tracker},
         "lmcache.v1.gpu_connector": {}, "lmcache.v1.gpu_connector.gpu_connectors": {"lmc_ops": ops},
@@ -318,6 +331,110 @@ def test_register_without_vllm_only_warns(tmp_path, monkeypatch, caplog):
     assert "kvblend plugin inactive" in caplog.text
 
 
+# ------------------------------------------------------------------ never down, never wrong
+def blend_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
+
+
+def test_a_moved_upstream_symbol_cannot_take_vllm_down(fake_stack, tmp_path, monkeypatch, caplog):
+    """LMCache 0.5.6 moved `gpu_connectors.lmc_ops`: register() must return (vLLM's plugin loader
+    lets its exceptions through), log one line, and the blend engine stop when its model loads."""
+    monkeypatch.delattr(fake_stack.connectors, "lmc_ops")
+    monkeypatch.delenv("LMCACHE_CONFIG_FILE", raising=False)
+    plain = fake_stack.Worker.load_model
+    vp.register()  # a plain engine: nothing patched, nothing said
+    assert fake_stack.Worker.load_model is plain
+    blend_on(tmp_path, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="vllm.kvblend_plugin"):
+        vp.register()  # returns
+    refused = [r for r in caplog.records if "blending refused" in r.getMessage()]
+    assert len(refused) == 1 and "AttributeError" in refused[0].getMessage()
+    assert "lmc_ops" in refused[0].getMessage() and "plugin active" not in caplog.text
+    with pytest.raises(vp.BlendRefused, match="AttributeError"):
+        fake_stack.Worker().load_model()  # never LMCache's blender unpatched
+
+
+def test_an_untested_pair_refuses_blending_unless_asked(fake_stack, tmp_path, monkeypatch, caplog):
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    monkeypatch.setattr(vp, "installed_version", {"vllm": "0.33.0", "lmcache": "0.5.6"}.get)
+    with caplog.at_level(logging.ERROR, logger="vllm.kvblend_plugin"):
+        vp.register()
+    assert "vllm 0.33.0, lmcache 0.5.6" in caplog.text and "KVBLEND_SKIP_VERSION_CHECK=1" in caplog.text
+    assert not isinstance(fake_stack.connectors.lmc_ops, kt.KVTransferOps)  # nothing patched
+    with pytest.raises(vp.BlendRefused, match="'vllm==0.26.0' 'lmcache==0.5.3'"):
+        fake_stack.Worker().load_model()
+    monkeypatch.setenv("KVBLEND_SKIP_VERSION_CHECK", "1")  # tried anyway: the patches apply
+    vp.register()
+    assert isinstance(fake_stack.connectors.lmc_ops, kt.KVTransferOps)
+
+
+def test_register_never_raises(fake_stack, tmp_path, monkeypatch, caplog):
+    """A bad setting, any failure while patching, an unreadable config: a log line, no exception."""
+    blend_on(tmp_path, monkeypatch)
+    monkeypatch.setenv(GpuBlendSettings.ENV, '{"path": "bogus"}')
+    vp.register()
+    with pytest.raises(vp.BlendRefused, match="path must be one of fast, fixed, upstream"):
+        fake_stack.Worker().load_model()  # the engine stops, saying what is allowed
+    monkeypatch.setattr(vp, "_patch", lambda: 1 / 0)
+    vp.register()
+    monkeypatch.setattr(vp, "blending_enabled", lambda: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="vllm.kvblend_plugin"):
+        vp.register()
+    assert "cannot read LMCache's config (ZeroDivisionError" in caplog.text
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (4, 2)])
+def test_parallel_engines_are_refused_at_load(fake_stack, tmp_path, monkeypatch, tp, pp):
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    vp.register()
+    with pytest.raises(vp.BlendRefused, match=f"--tensor-parallel-size {tp} --pipeline-parallel-size {pp}.*"
+                                              "one GPU per engine"):
+        fake_stack.Worker(vllm_config(tp=tp, pp=pp)).load_model()
+    assert fake_stack.registered == []  # refused before the model loads
+    fake_stack.Worker(vllm_config()).load_model()
+    assert fake_stack.registered == [("vllm-instance", "the-model")]
+
+
+@pytest.mark.parametrize("config,says", [
+    (vllm_config(prefix_caching=True), "--no-enable-prefix-caching"),
+    (vllm_config(eager=False), "--enforce-eager"),
+    (vllm_config(budget=2048, context=32768), "--max-num-batched-tokens 2048 is below --max-model-len 32768"),
+    (types.SimpleNamespace(**vars(vllm_config()), kv_transfer_config=types.SimpleNamespace(
+        kv_connector_extra_config={"use_native": True})), '"use_native": true; drop it'),
+])
+def test_unrun_serving_settings_are_refused_at_load(fake_stack, tmp_path, monkeypatch, config, says):
+    """What a hand-started `vllm serve` gets by default."""
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    vp.register()
+    with pytest.raises(vp.BlendRefused, match=says):
+        fake_stack.Worker(config).load_model()
+    assert fake_stack.registered == []
+
+
+def test_load_checks_take_more_checks(fake_stack, tmp_path, monkeypatch, caplog):
+    """The hook a model check (such as the RoPE one) plugs into: its warnings logged, its
+    exception stopping the engine."""
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    seen = []
+    monkeypatch.setattr(vp, "LOAD_CHECKS", [*vp.LOAD_CHECKS, lambda c: seen.append(c) or ["heads up"]])
+    vp.register()
+    config = vllm_config()
+    with caplog.at_level(logging.WARNING, logger="vllm.kvblend_plugin"):
+        fake_stack.Worker(config).load_model()
+    assert seen == [config] and "kvblend: heads up" in caplog.text
+
+    def refuse(config):
+        raise ValueError("rope_type yarn is not supported")
+
+    vp.LOAD_CHECKS.append(refuse)
+    with pytest.raises(ValueError, match="yarn"):
+        fake_stack.Worker(config).load_model()
+
+
 # ------------------------------------------------------------------ the mended blender
 def test_register_mends_blender_unless_upstream(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", write_yaml(tmp_path, "enable_blending: true\n"))
@@ -330,9 +447,6 @@ def test_register_mends_blender_unless_upstream(fake_stack, tmp_path, monkeypatc
     assert mended_qkv(fake_stack.Blender) == {"deviation": "v"}
     forward = fake_stack.FlashBackend.forward_contiguous
     assert forward._kvblend and forward.__wrapped__(None) == "flash"  # wrapped once
-    monkeypatch.setenv(GpuBlendSettings.ENV, '{"path": "bogus"}')
-    with pytest.raises(ValueError, match="fixed"):  # the engine stops, saying what is allowed
-        vp.register()
     use(monkeypatch, path="fast")  # mended too (its fallback), blend wrapped once
     fake_stack.Blender.blend = lambda self, tokens, mask=None, **kw: "lmcache"
     vp.register()

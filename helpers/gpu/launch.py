@@ -35,8 +35,10 @@ VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s
 SHARE_ENV = "KVBLEND_SHARE_GPU"  # =1: both engines on one GPU (each ~0.4 of its memory)
 SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"
 PLUGIN = "kvblend_lmcache"
-# On questions: LMCache must not store the prompt's segments (the question would become a cached
-# "chunk", blended the next time it is asked); the precomputed chunks are the only cache entries.
+# The precomputed chunks are the only cache entries: our plugin stores a blend engine's request
+# only when it asks (SAVE, what precompute sends), never a question (it would become a cached
+# "chunk", blended the next time it is asked). Questions also say so (NO_SAVE), for LMCache itself.
+SAVE = {"kv_transfer_params": {"lmcache.save": True}}  # helpers.gpu.plugin.SAVE_KEY
 NO_SAVE = {"kv_transfer_params": {"lmcache.skip_save": True}}
 DEFAULT_MAX_MODEL_LEN = 32768
 # Architectures LMCache 0.5.3's blender has a layer-wise model for (it matches vLLM's class name).
@@ -312,7 +314,7 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
     with httpx.Client(timeout=600, headers=runtime.auth_headers()) as client:
         model = engine.model or client.get(engine.url + "/v1/models").json()["data"][0]["id"]
         tok = tokenizer_for(model)
-        rounds = [("precomputing chunk KV", {}, storing_prompts(tok, texts, system))]
+        rounds = [("precomputing chunk KV", SAVE, storing_prompts(tok, texts, system))]
         if GpuBlendSettings.ENV in engine.env and GpuBlendSettings.from_env(engine.env).path == "fast":
             rounds.append(("loading chunk KV into GPU memory", NO_SAVE,
                            [chat_prompt_ids(tok, [text], PRIME_QUESTION, system) for text in texts]))
@@ -327,7 +329,7 @@ def precompute(engine: Engine, texts: list[str], progress: bool = True, system: 
                 if r.status_code != 200:
                     raise EngineError(f"The blend engine refused a precompute request ({r.status_code}): "
                                       f"{r.text[:300]}. See {engine.log}.")
-                if not extra:  # the storing round
+                if extra is SAVE:  # the storing round
                     tokens += len(ids)
     return {"tokens": tokens, "computed": len(texts), "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -27,6 +27,7 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata,
     import torch
 
     from ..selection import select_tokens
+    from .fast import tp_group
     from .fast.blender import deviation as token_deviation
 
     old_k, old_v = self.gpu_connector.get_kv(layer_id)
@@ -46,7 +47,8 @@ def process_qkv(self, q, k, v, residual, layer_id, attn_output, attn_metadata,
     if layer_id in self.common_metadata.check_layers:
         gaps = self.gpu_connector.current_gap_positions  # the separators: rows nothing cached
         fresh, cached = (v, old_v) if deviation == "v" else (k, old_k)
-        selected = select_tokens(token_deviation(fresh, cached), self.common_metadata.recomp_ratios[0], gaps)
+        selected = select_tokens(token_deviation(fresh, cached), self.common_metadata.recomp_ratios[0], gaps,
+                                 tp_group())
         self.metadata.imp_indices = selected
         self.metadata.positions = self.metadata.positions[selected]
         attn_metadata.update_from_top_indices(selected)

@@ -16,6 +16,8 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
+from importlib import metadata
 
 from ..settings import GpuBlendSettings
 from .fast import FastPath
@@ -59,9 +61,104 @@ class FirstOnly(logging.Filter):
         return self.dropped == 1
 
 
+class BlendRefused(RuntimeError):
+    """This engine cannot blend right. Raised when the worker loads the model, so that vLLM stops
+    the engine at start-up and prints the message, never from `register()` (vLLM's plugin loader
+    would let it take down every vLLM process of the environment, blending or not)."""
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_problem(have: dict | None = None, environ=None) -> str | None:
+    """Why this vLLM/LMCache pair is not the tested one (None when it is, or when
+    KVBLEND_SKIP_VERSION_CHECK=1 asks to try it): the plugin patches exactly that pair."""
+    from .launch import SKIP_VERSION_ENV, VERSIONS
+
+    environ = os.environ if environ is None else environ
+    have = {name: installed_version(name) for name in VERSIONS} if have is None else have
+    off = [f"{name} {have.get(name) or '(not installed)'}" for name, want in VERSIONS.items()
+           if have.get(name) != want]
+    if not off or environ.get(SKIP_VERSION_ENV, "") == "1":
+        return None
+    pins = " ".join(f"'{name}=={want}'" for name, want in VERSIONS.items())
+    return (f"this environment has {', '.join(off)}; the kvblend plugin is tested with {pins} only and "
+            f"patches exactly that pair. Install it (`pip install {pins}`), or set {SKIP_VERSION_ENV}=1 "
+            f"to try this pair anyway.")
+
+
+# ------------------------------------------------------------------ load-time checks
+# Each runs in the worker on vLLM's config (`VllmConfig`) before the model loads, in a blend engine
+# only. A check refuses by raising (BlendRefused, or any exception with a clear message: vLLM stops
+# the engine at start-up and prints it) and may return warnings (logged). The RoPE check plugs in
+# here, e.g. `LOAD_CHECKS.append(lambda config: check_rope(config.model_config.hf_config))`.
+def check_parallelism(config) -> list[str]:
+    """Refuse tensor and pipeline parallelism. Selection is made to agree across tensor-parallel
+    ranks (the deviation is all-reduced before top-k), but no multi-GPU engine has blended yet;
+    pipeline stages hold no layers of the others (PPMissingLayer), which the blender walks."""
+    parallel = config.parallel_config
+    tp = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+    pp = int(getattr(parallel, "pipeline_parallel_size", 1) or 1)
+    if tp > 1 or pp > 1:
+        raise BlendRefused(
+            f"kvblend: blending is refused with --tensor-parallel-size {tp} --pipeline-parallel-size {pp}: "
+            f"it has run on one GPU per engine only. Serve the blend engine on one GPU "
+            f"(--tensor-parallel-size 1 --pipeline-parallel-size 1; start one engine per GPU for more), "
+            f"or start this engine without LMCache's blending.")
+    return []
+
+
+def check_serving_settings(config) -> list[str]:
+    """Refuse the vLLM settings the blend paths were never run under (what a hand-started
+    `vllm serve` gets by default). Each is refused, not warned about, since each can serve a wrong
+    blend or fail mid-request rather than at start-up:
+    - prefix caching: vLLM hands LMCache prompts whose leading blocks it already holds; the blend
+      writes every token's KV, rewriting blocks that other requests share;
+    - CUDA graphs (no --enforce-eager): LMCache's layer-wise blending breaks under vLLM's graphs
+      (LMCache #2639), and no blend path has run so;
+    - a token budget below the context: a longer prompt is prefilled in chunks, which LMCache's
+      blender does not blend as one prompt, and its blend would run beyond the memory vLLM profiled;
+    - vLLM's own copy of LMCache's connector (`use_native`): the save policy is not applied there."""
+    model, cache, scheduler = config.model_config, config.cache_config, config.scheduler_config
+    problems = []
+    if getattr(cache, "enable_prefix_caching", False):
+        problems.append("prefix caching is on (pass --no-enable-prefix-caching)")
+    if not getattr(model, "enforce_eager", False):
+        problems.append("vLLM's CUDA graphs are on (pass --enforce-eager)")
+    budget = getattr(scheduler, "max_num_batched_tokens", None)
+    context = getattr(model, "max_model_len", None)
+    if budget is not None and context is not None and budget < context:
+        problems.append(f"--max-num-batched-tokens {budget} is below --max-model-len {context}, so longer "
+                        f"prompts would be prefilled in chunks (pass --max-num-batched-tokens {context})")
+    transfer = getattr(config, "kv_transfer_config", None)
+    if (getattr(transfer, "kv_connector_extra_config", None) or {}).get("use_native"):
+        # vLLM's in-tree copy of LMCache's connector: the save policy patches LMCache's own
+        problems.append('the KV connector is vLLM\'s copy of LMCache\'s ("use_native": true; drop it)')
+    if problems:
+        raise BlendRefused("kvblend: this blend engine's settings were never run with blending: "
+                           + "; ".join(problems) + ". docs/gpu.md, \"Starting the blend engine by hand\", "
+                           "has the command.")
+    return []
+
+
+LOAD_CHECKS: list[Callable] = [check_parallelism, check_serving_settings]
+
+
+def run_load_checks(config) -> None:
+    """Every LOAD_CHECKS check on vLLM's config: warnings logged, the first refusal raised."""
+    for check in LOAD_CHECKS:
+        for warning in check(config) or ():
+            log.warning("kvblend: %s", warning)
+
+
+# ------------------------------------------------------------------ patches
 def _register_model_after_load() -> None:
-    """Wrap `Worker.load_model` so the loaded model is registered for LMCache's blender (and, on the
-    fast path, gets its GPU chunk store)."""
+    """Wrap `Worker.load_model`: the load-time checks first, then the loaded model is registered for
+    LMCache's blender (and, on the fast path, gets its GPU chunk store)."""
     from vllm.v1.worker import gpu_worker
 
     original = gpu_worker.Worker.load_model
@@ -70,6 +167,7 @@ def _register_model_after_load() -> None:
 
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
+        run_load_checks(self.vllm_config)
         result = original(self, *args, **kwargs)
         from lmcache.integration.vllm.utils import ENGINE_NAME
         from lmcache.v1.compute.models.utils import VLLMModelTracker
@@ -86,6 +184,53 @@ def _register_model_after_load() -> None:
     gpu_worker.Worker.load_model = load_model
 
 
+def _refuse_blending(reason: str) -> None:
+    """Log why blending is refused, once, and make the engine stop with it when its model loads
+    (a blend engine must not serve LMCache's blender unpatched: wrong answers)."""
+    log.error("kvblend plugin inactive, blending refused: %s", reason)
+    try:
+        from vllm.v1.worker import gpu_worker
+
+        def load_model(self, *args, **kwargs):
+            raise BlendRefused(f"kvblend: blending refused: {reason}")
+
+        gpu_worker.Worker.load_model = load_model
+    except Exception as err:  # no vLLM worker to stop: vLLM (or LMCache) will fail on its own
+        log.error("kvblend plugin: cannot stop the engine at load either (%s: %s)", type(err).__name__, err)
+
+
+SAVE_KEY = "lmcache.save"  # kv_transfer_params {"lmcache.save": true}: this request's segments are stored
+
+
+def save_only_on_request(original):
+    """Wrap LMCache's `extract_request_configs` (its connector's reading of a request's
+    `kv_transfer_params`): a request that does not ask to be saved gets `lmcache.skip_save`.
+
+    LMCache saves every request's segments unless it sends `lmcache.skip_save`. In a blend engine
+    that stores every question and every chunk computed after other chunks (a plain OpenAI client
+    sends nothing): the next prompt would blend KV that carries other chunks' context. Only the
+    precompute (`helpers.gpu.launch.precompute`), which computes each chunk alone, asks. The keys of
+    what is stored stay the same: LMCache keys by tokens and `lmcache.tag.*` only."""
+
+    @functools.wraps(original)
+    def extract_request_configs(sampling_params):
+        configs = original(sampling_params)
+        if (configs or {}).get(SAVE_KEY) is True:
+            return configs
+        return {**(configs or {}), "lmcache.skip_save": True}
+
+    extract_request_configs._kvblend = True
+    return extract_request_configs
+
+
+def _save_only_on_request() -> None:
+    from lmcache.integration.vllm import vllm_v1_adapter
+
+    original = vllm_v1_adapter.extract_request_configs
+    if not getattr(original, "_kvblend", False):
+        vllm_v1_adapter.extract_request_configs = save_only_on_request(original)
+
+
 def _use_fast_path() -> None:
     """LMCache's blend and lookup through the fast path (each wrapped once per process)."""
     from lmcache.v1.cache_engine import LMCacheEngine
@@ -100,26 +245,49 @@ def _use_fast_path() -> None:
         LMCacheEngine.lookup = store_first_lookup(LMCacheEngine.lookup, FAST)
 
 
-def register() -> None:
-    """vLLM's entry point: in a blend engine, apply the patches its settings ask for."""
-    if not blending_enabled():
-        return
-    settings = FAST.settings = GpuBlendSettings.from_env()  # a bad value stops the engine, with its message
-    try:
-        from .kv_transfer import route_4d_kv_transfer
-        from .mended import mend_blender
+def _patch() -> GpuBlendSettings:
+    """Check the pair, read the settings and apply the patches they ask for (raises on anything)."""
+    problem = version_problem()
+    if problem:
+        raise BlendRefused(problem)
+    settings = FAST.settings = GpuBlendSettings.from_env()
+    from .kv_transfer import route_4d_kv_transfer
+    from .mended import mend_blender
 
-        _register_model_after_load()
-        route_4d_kv_transfer()
-        if settings.path in ("fixed", "fast"):
-            mend_blender(settings)  # the fast path falls back to the mended blender
-        if settings.path == "fast":
-            _use_fast_path()
-    except ImportError as err:  # vLLM or LMCache missing: the engine itself will say so
-        log.warning("kvblend plugin inactive, cannot import %s", err.name or err)
-        return
+    _register_model_after_load()
+    _save_only_on_request()
+    route_4d_kv_transfer()
+    if settings.path in ("fixed", "fast"):
+        mend_blender(settings)  # the fast path falls back to the mended blender
+    if settings.path == "fast":
+        _use_fast_path()
     lmcache_memory = logging.getLogger("lmcache.v1.memory_management")
     if not any(isinstance(f, FirstOnly) for f in lmcache_memory.filters):
         lmcache_memory.addFilter(FirstOnly("Double unpin"))
+    return settings
+
+
+def register() -> None:
+    """vLLM's entry point: in a blend engine, apply the patches its settings ask for.
+
+    Never raises: vLLM calls it in every process of the environment and lets an exception through
+    (its loader catches only failures to import the plugin), which would take down plain engines too.
+    Not a blend engine, or blending not readable from LMCache's config: nothing is patched. A blend
+    engine whose pair is untested, whose settings are bad, or whose patches fail (an upstream
+    symbol moved) gets one log line and stops when its model loads, saying why."""
+    try:
+        if not blending_enabled():
+            return
+    except Exception as err:
+        log.warning("kvblend plugin inactive: cannot read LMCache's config (%s: %s)", type(err).__name__, err)
+        return
+    try:
+        settings = _patch()
+    except BlendRefused as err:
+        _refuse_blending(str(err))
+        return
+    except Exception as err:  # an upstream symbol moved, a bad setting, vLLM or LMCache missing
+        _refuse_blending(f"{type(err).__name__}: {err} (the plugin patches vllm==0.26.0 with lmcache==0.5.3)")
+        return
     log.info("kvblend plugin active: model registered for LMCache's blender, 4-D KV transfer in PyTorch, "
              "%s", settings)

@@ -38,8 +38,26 @@ if TYPE_CHECKING:
 @dataclass
 class FastPath:
     """The fast path in one engine process: its settings, its GPU chunk store (None until the
-    model is loaded, or with none) and whether it failed (then LMCache's blender takes over)."""
+    model is loaded, or with none) and how many prompts fell back to LMCache's blender: all of
+    them (`fallbacks`: no room in the store, no chunk hit, or an error) and those after an error
+    (`failures`). A failure sends that prompt alone to LMCache's blender; the next one tries again.
+    The counts are in the log only: vLLM's /metrics is served by its API server process, which
+    sees no counter of the engine process unless PROMETHEUS_MULTIPROC_DIR is set."""
 
     settings: GpuBlendSettings = GPU_BLEND
     store: ChunkStore | None = None
-    failed: bool = False
+    fallbacks: int = 0
+    failures: int = 0
+
+
+def tp_group():
+    """vLLM's tensor-parallel process group when this engine has more than one rank, else None:
+    `select_tokens` all-reduces the deviation over it, so every rank selects the same tokens."""
+    try:
+        from vllm.distributed import parallel_state
+    except ImportError:
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_tp_group()
+    return group.device_group if group.world_size > 1 else None

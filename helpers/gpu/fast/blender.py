@@ -2,7 +2,7 @@
 
 A chunk missing from the GPU chunk store is read once from LMCache's host store (all layers) and
 kept, least recently used out first. When a prompt's chunks cannot all fit, or anything here fails,
-the request falls back to LMCache's blender with our fixes (the `fixed` path), logged once."""
+that request falls back to LMCache's blender with our fixes (the `fixed` path), logged and counted."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from ...selection import select_tokens
 from ...settings import GPU_BLEND, GpuBlendSettings
-from . import FastPath
+from . import FastPath, tp_group
 from .attention import attend_selected, prefix_split
 from .graphs import GRAPH_MAX_TOKENS, Tail, Tails
 from .masks import exact_causal_mask
@@ -48,6 +48,7 @@ class FastBlender:
         self.deviation = settings.deviation
         self.check = min(lmc.common_metadata.check_layers)
         self.ratio = float(lmc.common_metadata.recomp_ratios[0])
+        self.tp_group = tp_group()  # ranks holding other KV heads select with this one (None: one rank)
         self.full_attention = lmc.layerwise_model.lmc_attn_layers  # FlashAttention, all queries
         self.rerotate = lmc.layerwise_model.fused_rotary_emb  # K from old to new positions
         cache = getattr(self.rerotate, "cos_sin_cache", None)
@@ -154,7 +155,7 @@ class FastBlender:
             else:  # the check layer: which cached tokens deviate most from a fresh computation?
                 fresh, old = (v, self.store.cached(i, 1, index)) if self.deviation == "v" else \
                     (k, self.rerotate(old_positions, positions, self.store.cached(i, 0, index)))
-                selected = select_tokens(deviation(fresh, old), self.ratio, gaps)
+                selected = self.select(fresh, old, gaps)
                 q, residual = q[selected], residual[selected]
                 mask = exact_causal_mask(selected, n_all, self.split_for(n_all))
                 out = self.attend(q, keys, values, mask, attn.attn.impl.scale)
@@ -204,6 +205,10 @@ class FastBlender:
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
             hidden = layer.mlp(hidden)
 
+    def select(self, fresh, cached, gaps) -> torch.Tensor:
+        """The tokens to recompute past the check layer, the same on every tensor-parallel rank."""
+        return select_tokens(deviation(fresh, cached), self.ratio, gaps, self.tp_group)
+
     def split_for(self, n_keys: int) -> int:
         """exact_causal_mask's `split` for a prompt of n_keys tokens (settings.prefix_attention)."""
         return self.split if n_keys >= self.split_from else 0
@@ -216,23 +221,30 @@ class FastBlender:
 
 def wrap_blend(original, path: FastPath):
     """Wrap `LMCBlender.blend`: blend in one pass (`FastBlender`) when the GPU chunk store can hold
-    the prompt's chunks; else, or if it fails, LMCache's blender with our fixes (logged)."""
+    the prompt's chunks; else, or if it fails, that prompt alone goes to LMCache's blender with our
+    fixes (each fallback logged with the engine's count). After a failure the next prompt gets a
+    new FastBlender (fresh buffers and graphs): one error, e.g. a transient OOM, costs one prompt."""
 
     @functools.wraps(original)
     def blend(self, tokens, mask=None, **kwargs):
-        if path.store is not None and not path.failed:
+        if path.store is None:
+            return original(self, tokens, mask, **kwargs)
+        try:
             fast = getattr(self, "_kvblend_fast", None)
-            try:
-                if fast is None:
-                    fast = self._kvblend_fast = FastBlender(self, path.store, path.settings)
-                if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
-                    return None
-                log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): "
-                         "this prompt goes through LMCache's blender")
-            except Exception:
-                path.failed = True
-                log.exception("fast blend path failed: this and every later prompt go through "
-                              "LMCache's blender (with our fixes)")
+            if fast is None:
+                fast = self._kvblend_fast = FastBlender(self, path.store, path.settings)
+            if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
+                return None
+            path.fallbacks += 1
+            log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): this prompt goes "
+                     "through LMCache's blender (fallback %d of this engine)", path.fallbacks)
+        except Exception:
+            self._kvblend_fast = None
+            path.fallbacks += 1
+            path.failures += 1
+            log.exception("fast blend path failed: this prompt goes through LMCache's blender (with our "
+                          "fixes), the next one tries the fast path again (failure %d, fallback %d of this "
+                          "engine)", path.failures, path.fallbacks)
         return original(self, tokens, mask, **kwargs)
 
     blend._kvblend = True

@@ -20,7 +20,7 @@ def store_first_lookup(original, path: FastPath):
     def lookup(self, tokens=None, hashes=None, offsets=None, search_range=None, lookup_id=None,
                pin=False, request_configs=None):
         store = path.store
-        if (store is None or path.failed or not self.use_layerwise or tokens is None
+        if (store is None or not self.use_layerwise or tokens is None
                 or not self.is_healthy()):
             return original(self, tokens, hashes, offsets, search_range, lookup_id, pin, request_configs)
         segments = list(self.token_database.process_tokens(tokens=tokens, request_configs=request_configs))

@@ -95,17 +95,33 @@ def check_store_fits(gb: float, utilization: float, total_bytes: int, model_byte
             f"{max(room, 0) / 1e9:.1f}) or raise --gpu-memory-utilization.")
 
 
-def build_store(model, gb: float) -> ChunkStore | None:
-    """The GPU chunk store for a loaded vLLM model, `gb` GB (None for 0)."""
+def model_dtype(vllm_config) -> torch.dtype:
+    """The dtype the model computes K/V in, from its config: vLLM's `model_config.dtype` (a
+    torch.dtype once vLLM has resolved "auto"), else the checkpoint's `torch_dtype`. Never from a
+    weight: quantized layers (AWQ, GPTQ) have no `weight`, FP8 ones an fp8 one, while their K/V are
+    computed in the model's dtype."""
+    model_config = vllm_config.model_config
+    dtype = getattr(model_config, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        hf_config = getattr(model_config, "hf_config", None)
+        dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:  # not fp8
+        raise RuntimeError(f"kvblend: cannot tell the dtype of the model's K/V from its config (got "
+                           f"{dtype!r}); pass --dtype bfloat16 (or float16) to vllm serve.")
+    return dtype
+
+
+def build_store(model, gb: float, dtype: torch.dtype, device) -> ChunkStore | None:
+    """The GPU chunk store for a loaded vLLM model, `gb` GB (None for 0), K/V in `dtype`."""
     if gb <= 0:
         return None
     layers = model.model.layers
     attn = layers[0].self_attn.attn
-    weight = layers[0].self_attn.qkv_proj.weight
     kv_dim = attn.num_kv_heads * attn.head_size
-    per_token = ChunkStore.bytes_per_token(len(layers), kv_dim, weight.dtype)
-    return ChunkStore(len(layers), kv_dim, int(gb * 1e9) // per_token, weight.dtype, weight.device)
-
+    per_token = ChunkStore.bytes_per_token(len(layers), kv_dim, dtype)
+    return ChunkStore(len(layers), kv_dim, int(gb * 1e9) // per_token, dtype, device)
 
 
 def make_store(worker, model, gb: float) -> ChunkStore | None:
@@ -118,10 +134,11 @@ def make_store(worker, model, gb: float) -> ChunkStore | None:
         return None
     cache_config = getattr(worker, "cache_config", None) or worker.vllm_config.cache_config
     util = float(cache_config.gpu_memory_utilization)
-    device = next(model.parameters()).device
+    device = getattr(worker, "device", None) or next(model.parameters()).device
     used = int(worker.model_runner.model_memory_usage)
     check_store_fits(gb, util, torch.cuda.get_device_properties(device).total_memory, used)
-    store = build_store(model, gb)
+    dtype = model_dtype(worker.vllm_config)
+    store = build_store(model, gb, dtype, device)
     worker.model_runner.model_memory_usage = used + int(gb * 1e9)
-    log.info("fast blend path: GPU chunk store of %g GB (%d tokens)", gb, store.pos.numel())
+    log.info("fast blend path: GPU chunk store of %g GB (%d tokens, %s)", gb, store.pos.numel(), dtype)
     return store
