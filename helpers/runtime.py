@@ -34,6 +34,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVBLEND_CACHE") or ROOT / ".cache").expanduser().resolve()
 
 
+SHARE_GPU_ENV = "KVBLEND_SHARE_GPU"  # =1: vLLM backend, both engines on one GPU
+SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"  # =1: try a vLLM/LMCache pair other than the tested one
+
+
+def share_gpu(environ=None) -> bool:
+    """KVBLEND_SHARE_GPU=1: the vLLM backend runs both engines on one GPU."""
+    return (os.environ if environ is None else environ).get(SHARE_GPU_ENV, "") == "1"
+
+
+def skip_version_check(environ=None) -> bool:
+    """KVBLEND_SKIP_VERSION_CHECK=1: the launcher and the plugin try an untested vLLM/LMCache pair."""
+    return (os.environ if environ is None else environ).get(SKIP_VERSION_ENV, "") == "1"
+
+
 def api_key() -> str | None:
     """The key the engines require (KVBLEND_API_KEY), if any: clients send it as a Bearer token."""
     return os.environ.get("KVBLEND_API_KEY") or None

@@ -137,3 +137,16 @@ def test_topk_kl_is_zero_for_equal_lists_and_grows_with_the_difference():
     assert abs(topk_kl(a, a)) < 1e-12
     near, far = {1: -0.2, 2: -2.0, 3: -4.0}, {1: -3.0, 2: -0.1, 4: -2.0}
     assert 0 < topk_kl(a, near) < topk_kl(a, far)
+
+
+def test_settings_are_read_in_two_places_only():
+    """No module of helpers/ reads a KVBLEND_ environment variable but settings.py (the GPU blend
+    engine's settings) and runtime.py (the user's: cache, run dir, key, one GPU, version check)."""
+    import re
+
+    read = re.compile(r"""(environ(\.get)?\(|getenv\(|environ\[)\s*["']KVBLEND_""")
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in (ROOT / "helpers").rglob("*.py")
+             if p.name not in ("settings.py", "runtime.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if read.search(line)]
+    assert not found, found
+    assert read.search('os.environ.get("KVBLEND_CACHE")') and read.search("getenv('KVBLEND_X')")

@@ -32,8 +32,7 @@ from ..settings import BLEND, BLEND_PATHS, GPU_BLEND, GpuBlendSettings
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 VERSIONS = {"vllm": "0.26.0", "lmcache": "0.5.3"}  # the pair validated on H200s (docs/gpu.md)
-SHARE_ENV = "KVBLEND_SHARE_GPU"  # =1: both engines on one GPU (each ~0.4 of its memory)
-SKIP_VERSION_ENV = "KVBLEND_SKIP_VERSION_CHECK"
+SHARE_ENV, SKIP_VERSION_ENV = runtime.SHARE_GPU_ENV, runtime.SKIP_VERSION_ENV  # user settings, in runtime
 PLUGIN = "kvblend_lmcache"
 # The precomputed chunks are the only cache entries: our plugin stores a blend engine's request
 # only when it asks (SAVE, what precompute sends), never a question (it would become a cached
@@ -87,7 +86,7 @@ def check_gpus() -> tuple[str, str]:
                           "GPUs, one per engine; on this machine use `--backend embedded` (the CPU engines).")
     if len(gpus) >= 2:
         return gpus[0], gpus[1]
-    if os.environ.get(SHARE_ENV, "") == "1":
+    if runtime.share_gpu():
         return gpus[0], gpus[0]
     raise EngineError(
         f"Only one GPU is visible ({gpus[0]}); the vLLM backend puts the blend engine on one GPU and "
@@ -106,7 +105,7 @@ def check_versions() -> None:
                 f"{name} is not installed for {sys.executable}. Install the GPU extra, which pins the "
                 f"tested pair (Python 3.12): `pip install -e '.[gpu]'` (or `pip install {pins}`), "
                 f"or use `--backend embedded`.")
-        if have != wanted and os.environ.get(SKIP_VERSION_ENV, "") != "1":
+        if have != wanted and not runtime.skip_version_check():
             raise EngineError(
                 f"{name} {have} is installed, but this backend is tested with {pins} only: the plugin "
                 f"in helpers/gpu/plugin.py patches exactly that pair. Install it with `pip install "

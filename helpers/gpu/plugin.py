@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from importlib import metadata
 
+from .. import runtime
 from ..settings import GpuBlendSettings
 from .fast import FastPath
 
@@ -83,7 +84,7 @@ def version_problem(have: dict | None = None, environ=None) -> str | None:
     have = {name: installed_version(name) for name in VERSIONS} if have is None else have
     off = [f"{name} {have.get(name) or '(not installed)'}" for name, want in VERSIONS.items()
            if have.get(name) != want]
-    if not off or environ.get(SKIP_VERSION_ENV, "") == "1":
+    if not off or runtime.skip_version_check(environ):
         return None
     pins = " ".join(f"'{name}=={want}'" for name, want in VERSIONS.items())
     return (f"this environment has {', '.join(off)}; the kvblend plugin is tested with {pins} only and "
