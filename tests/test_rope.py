@@ -159,3 +159,28 @@ def test_unknown_rotary_class_is_refused():
     emb.rotary_dim = D // 2
     with pytest.raises(rope.UnsupportedRope, match="partial"):
         rope.Rerotate(emb)
+
+
+def test_mended_blender_re_rotates_with_the_served_rope():
+    """The fixed path: LMCache's layer-wise model gets our re-rotation instead of its unscaled one."""
+    import types
+
+    from helpers.gpu import mended
+
+    class LMCBaseModel:
+        def __init__(self, vllm_model, blender, enable_sparse=False):
+            self.fused_rotary_emb = "lmcache's, unscaled"
+
+    init = mended.served_rope(LMCBaseModel.__init__)
+    emb = fake_vllm_rotary("llama3")
+    layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(rotary_emb=emb))
+    model = types.SimpleNamespace(model=types.SimpleNamespace(layers=[layer]))
+    lmc = LMCBaseModel.__new__(LMCBaseModel)
+    init(lmc, model, None)
+    assert isinstance(lmc.fused_rotary_emb, rope.Rerotate) and init._kvblend
+    torch.manual_seed(2)
+    k = torch.randn(4, KV * D)
+    old, new = moved(4, 9000)
+    p = ROPES["llama3"][1]
+    torch.testing.assert_close(lmc.fused_rotary_emb(old, new, hf_rotate(k, p, old)), hf_rotate(k, p, new),
+                               atol=2e-4, rtol=2e-4)
