@@ -184,3 +184,14 @@ def test_mended_blender_re_rotates_with_the_served_rope():
     p = ROPES["llama3"][1]
     torch.testing.assert_close(lmc.fused_rotary_emb(old, new, hf_rotate(k, p, old)), hf_rotate(k, p, new),
                                atol=2e-4, rtol=2e-4)
+
+
+def test_launcher_refuses_a_rope_blending_cannot_move():
+    from helpers.gpu import launch
+    from helpers.runtime import EngineError
+
+    llama31 = {"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    assert launch.served_architecture(llama31, "m") is None
+    dynamic = {"architectures": ["LlamaForCausalLM"], "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    with pytest.raises(EngineError, match="some/model: rope_type 'dynamic' is not supported"):
+        launch.served_architecture(dynamic, "some/model")
