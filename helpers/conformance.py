@@ -26,10 +26,10 @@ from .metrics import topk_kl
 from .prompts import DEFAULT_SYSTEM, chat_prompt_ids, chat_segment_ids, separator_ids
 
 TOPK = 20
-# ratio and check layer of each check. "r0": LMCache's config needs a ratio > 0, and any ratio > 0
-# recomputes at least one cached token: 1e-6 is that one token, on both sides
-RATIO0 = 1e-6
-CHECKS = {"same_pos": (0.15, 1), "moved_r0": (RATIO0, 0), "moved_r0.15": (0.15, 1)}
+# ratio and check layer of each check. "moved_r0": layer 0 computed for every token (the check
+# layer), no cached token recomputed past it: layers 1.. read only re-rotated cached K (the GPU path
+# at ratio 0; the embedded engine's own ratio 0 would reuse layer 0 too)
+CHECKS = {"same_pos": (0.15, 1), "moved_r0": (0.0, 0), "moved_r0.15": (0.15, 1)}
 
 
 @dataclass
@@ -142,12 +142,18 @@ class Reference:
             for layer in range(kv.shape[0]):
                 kv[layer, 0][:, is_cached] = rerotate(kv[layer, 0][:, is_cached], old[is_cached],
                                                       new[is_cached])
-        cfg = BlendSettings(ratio=ratio, check_layer=check_layer, deviation="k")
+        from .embedded import blend as engine
+
+        cfg = BlendSettings(ratio=ratio or 1e-9, check_layer=check_layer, deviation="k")
+        select = engine.select_tokens
+        if ratio == 0:  # the GPU's ratio 0: the check layer runs, then the uncached tokens only
+            engine.select_tokens = lambda dev, _, unc: select(dev, 0.0, unc)
         self.shift = shift
         try:
             return self.runner.blend_cached(ids, kv, uncached, cfg).logits
         finally:
             self.shift = 0
+            engine.select_tokens = select
 
     def check(self, p: Prompt) -> torch.Tensor:
         """The reference logits of a prompt for its check (`same_pos`: the full prefill)."""

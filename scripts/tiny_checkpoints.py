@@ -35,6 +35,10 @@ INIT_STD = 0.06
 EMBED_STD = 0.2  # the tied embedding (and so the output head)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
+# SmolLM2's tokenizer_config.json, for a folder that carries only tokenizer.json
+TOKENIZER_CONFIG = {"backend": "tokenizers", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                    "pad_token": "<|im_end|>", "tokenizer_class": "TokenizersBackend",
+                    "unk_token": "<|endoftext|>", "model_max_length": 1 << 20}
 COMMON = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=128, vocab_size=49152, bos_token_id=1, eos_token_id=2,
               pad_token_id=2, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=INIT_STD)
@@ -86,9 +90,13 @@ def rope_of(arch: str) -> dict:
 
 
 def smollm2_dir() -> Path:
+    """Where SmolLM2's tokenizer files are: the converted model, or on a GPU machine the tokenizer
+    alone (scripts/device_env.sh links either there)."""
     from helpers.embedded.model import resolve_model_dir
+    from helpers.runtime import cache_dir
 
-    return resolve_model_dir(None)
+    here = cache_dir() / "smollm2-f32"
+    return here if (here / "tokenizer.json").exists() else resolve_model_dir(None)
 
 
 def build(arch: str, seed: int = 0):
@@ -133,6 +141,8 @@ def write(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out / name)
+    if not (out / "tokenizer_config.json").exists():  # a bare tokenizer.json (scripts/pack_for_device.sh)
+        (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
     return out
 
 
