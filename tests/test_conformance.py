@@ -155,3 +155,52 @@ def test_every_checkpoint_on_the_reference(arch, checkpoints):
         exact = cf.top_logprobs(ref.blend(p.ids, ratio, layer))
         got = cf.top_logprobs(ref.blend(p.ids, ratio, layer, rerotate=served))
         assert topk_kl(exact["top"], got["top"]) < 1e-4 and exact["token"] == got["token"], check
+
+
+@pytest.mark.slow
+def test_device_harness_with_perfect_fake_engines(tmp_path, monkeypatch):
+    """scripts/gpu_conformance.py's plumbing on the CPU: engines that answer exactly the reference
+    pass every check; the negative control's rows (card CPU) fail; the CSV has every column."""
+    import csv
+
+    import gpu_conformance as gc
+
+    from helpers import engines as eng
+    from helpers.gpu import launch as gb
+    from scripts import gpu_quality
+
+    answers: dict = {}
+    reference = gc.reference
+
+    def remember(path, arch):
+        prompts, refs, floor, negative = reference(path, arch)
+        for p, a in zip(prompts, refs, strict=True):
+            answers[(gc.engine_for(p.check), tuple(p.ids))] = a
+        return prompts, refs, floor, negative
+
+    monkeypatch.setattr(gc, "reference", remember)
+    monkeypatch.setattr(gc, "WAVE", 1)
+    launched = []
+    monkeypatch.setattr(eng, "launch", lambda e: launched.append(e) or e)
+    monkeypatch.setattr(eng, "wait_healthy", lambda engines, *a, **k: None)
+    monkeypatch.setattr(eng, "stop_engine", lambda e: None)
+    monkeypatch.setattr(gb, "precompute", lambda e, texts, progress=True: {})
+
+    def first_token(client, url, model, ids, extra=None):
+        engine = next(e for e in launched if e.url == url)
+        return answers[(engine.name.rsplit("_", 1)[1], tuple(ids))]
+
+    monkeypatch.setattr(gpu_quality, "first_token", first_token)
+    rows = gc.device(tmp_path, ["llama31"])
+    by = {r["check"]: r for r in rows}
+    assert {e.name for e in launched} == {"conf_llama31_r0", "conf_llama31_r0.15"}
+    zero = next(e for e in launched if e.name.endswith("_r0"))
+    assert "blend_recompute_ratios: [0.0]" in Path(zero.env["LMCACHE_CONFIG_FILE"]).read_text()
+    assert "blend_check_layers: [0]" in Path(zero.env["LMCACHE_CONFIG_FILE"]).read_text()
+    for check in cf.CHECKS:
+        assert by[check]["passed"] and by[check]["top20_kl"] == 0 and by[check]["first_token_agree"] == 1
+    assert not by["negative_control_moved_r0"]["passed"] and by["negative_control_moved_r0"]["card"] == "CPU"
+    print({k: (round(r["top20_kl"], 4), round(r["floor"], 5)) for k, r in by.items()})
+    with open(tmp_path / "conformance.csv") as f:
+        assert set(csv.DictReader(f).fieldnames) >= {"architecture", "rope_type", "check", "top20_kl",
+                                                     "first_token_agree", "floor", "card", "date"}

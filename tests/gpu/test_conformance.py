@@ -72,4 +72,4 @@ def test_blending_matches_the_cpu_reference(rows, arch):
 def test_negative_control_fails(rows):
     """Llama-3.1 re-rotated with unscaled frequencies (LMCache's way), on the CPU: far off the bound."""
     r = rows[("llama31", "negative_control_moved_r0")]
-    assert r["top20_kl"] > 5 * r["threshold"], r
+    assert r["top20_kl"] > 4 * r["threshold"], r  # 0.106 against 0.011 on the CPU
