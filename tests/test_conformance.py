@@ -77,6 +77,7 @@ def llama31(checkpoints):
     return cf.Reference(tc.write("llama31", checkpoints))
 
 
+@pytest.mark.model  # SmolLM2's tokenizer, from the converted model
 def test_checkpoints_are_deterministic(tmp_path):
     a = tc.write("qwen3", tmp_path / "a")
     b = tc.write("qwen3", tmp_path / "b")
@@ -111,12 +112,14 @@ def layer0_k_moved(ref: cf.Reference, shift: int) -> None:
     torch.testing.assert_close(again, moved, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.model  # SmolLM2's tokenizer, from the converted model
 def test_llama31_nothing_moves_and_layer0_k_moves_exactly(llama31):
     assert nothing_moves(llama31) < 1e-6
     for shift in SHIFTS:
         layer0_k_moved(llama31, shift)
 
 
+@pytest.mark.model  # SmolLM2's tokenizer, from the converted model
 def test_negative_control_unscaled_rope_fails_on_llama31(llama31, checkpoints):
     """LMCache's re-rotation (plain frequencies) on Llama-3.1: the next-token distribution at ratio
     0 moves far beyond the bf16 floor; the GPU path's (the model's own cache) stays on the reference."""
@@ -141,6 +144,7 @@ def test_negative_control_unscaled_rope_fails_on_llama31(llama31, checkpoints):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.parametrize("arch", list(tc.ARCHS))
 def test_every_checkpoint_on_the_reference(arch, checkpoints):
     """Each checkpoint loaded through transformers in float32: nothing moves -> the full prefill;
@@ -158,6 +162,7 @@ def test_every_checkpoint_on_the_reference(arch, checkpoints):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_device_harness_with_perfect_fake_engines(tmp_path, monkeypatch):
     """scripts/gpu_conformance.py's plumbing on the CPU: engines that answer exactly the reference
     pass every check; the negative control's rows (card CPU) fail; the CSV has every column."""

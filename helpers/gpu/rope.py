@@ -131,7 +131,7 @@ class Rerotate:
             except (ImportError, AttributeError):
                 log.info("LMCache's fused re-rotation kernel not found: re-rotating in PyTorch")
 
-    def cos_sin_cache(self, dtype, device) -> torch.Tensor:
+    def cache_for(self, dtype, device) -> torch.Tensor:
         """The cache in the keys' dtype and device (the kernel reads both as one type)."""
         key = (dtype, device)
         if key not in self.by_dtype:
@@ -141,7 +141,7 @@ class Rerotate:
     def __call__(self, old_positions, new_positions, k):
         n = k.shape[0]
         heads = k.view(n, -1, self.head_size)
-        cache = self.cos_sin_cache(k.dtype, k.device)
+        cache = self.cache_for(k.dtype, k.device)
         if self.kernel is not None and k.is_cuda:
             self.kernel(old_positions, new_positions, heads, self.head_size, cache, self.is_neox_style)
         else:

@@ -53,7 +53,7 @@ class FastBlender:
         # K from old to new positions with the served model's own rotary embedding (its scaling
         # included; LMCache's fused_rotary_emb ignores it), its cache kept on the store's device
         self.rerotate = Rerotate(self.layers[0].self_attn.rotary_emb, store.kv.device)
-        self.rerotate.cos_sin_cache(store.kv.dtype, store.kv.device)  # before any CUDA graph capture
+        self.rerotate.cache_for(store.kv.dtype, store.kv.device)  # before any CUDA graph capture
         self.process_qkv = getattr(lmc.layerwise_model, "_process_qkv", lambda q, k, v, layer: (q, k, v))
         self.tails = Tails(graphs=store.kv.device.type == "cuda" and settings.graphs)
         self.clock = None  # the previous prompt's
