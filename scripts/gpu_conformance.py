@@ -20,8 +20,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def device(out: Path, archs=None, timeout: float = 600) -> list[dict]:
     from scripts.gpu_quality import first_token, gpu_name
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = out / "checkpoints"
+    ckpts = Path(tempfile.mkdtemp(prefix="kvblend-tiny-"))  # 70 MB each: kept out of OUT
     archs = list(archs or tc.ARCHS)
     rows: list[dict] = []
     notes: dict = {"archs": archs, "wave": WAVE, "waves": []}
@@ -177,6 +179,7 @@ def device(out: Path, archs=None, timeout: float = 600) -> list[dict]:
                     if e.log.exists():
                         f.write(f"\n===== {e.name} =====\n".encode() + e.log.read_bytes()[-100_000:])
         write_csv(out / "conformance.csv", rows)
+    shutil.rmtree(ckpts, ignore_errors=True)
     notes["wall_s"] = round(time.time() - t_start, 1)
     (out / "notes.json").write_text(json.dumps(notes, indent=1))
     return rows
