@@ -48,6 +48,22 @@ def rope(x, positions, heads, sign=1.0):
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).reshape(x.shape[0], heads * D)
 
 
+class RotaryEmbedding:
+    """vLLM's interface (its class name, `rotary_emb(positions, q, k)`, the cos|sin cache the fast
+    path re-rotates cached K with: helpers/gpu/rope.py)."""
+
+    head_size = rotary_dim = D
+    is_neox_style = True
+
+    def __init__(self, max_position: int = 4096):
+        inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=DTYPE) / D))
+        angles = torch.arange(max_position, dtype=DTYPE)[:, None] * inv[None, :]
+        self.cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def __call__(self, positions, q, k):
+        return rope(q, positions, HEADS), rope(k, positions, KV_HEADS)
+
+
 class Norm(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -97,7 +113,7 @@ def _make_model():
             qkv_proj=Linear(H, (HEADS + 2 * KV_HEADS) * D, dtype=DTYPE),
             o_proj=Linear(HEADS * D, H, dtype=DTYPE), q_size=HEADS * D, kv_size=KV_HEADS * D,
             attn=attn,
-            rotary_emb=lambda pos, q, k: (rope(q, pos, HEADS), rope(k, pos, KV_HEADS)))
+            rotary_emb=RotaryEmbedding())
         layers.append(types.SimpleNamespace(input_layernorm=Norm(), post_attention_layernorm=Norm(),
                                             self_attn=self_attn, mlp=Mlp()))
     embed = torch.nn.Embedding(VOCAB, H, dtype=DTYPE)

@@ -245,6 +245,10 @@ def fake_stack(monkeypatch):
         def lookup(self, tokens=None, *args, **kwargs):
             return 0
 
+    class BaseModel:
+        def __init__(self, vllm_model, blender, enable_sparse=False):
+            self.fused_rotary_emb = "lmcache's, unscaled"
+
     ops, _ = fake_ops()
     modules = {
         "vllm": {}, "vllm.v1": {}, "vllm.v1.worker": {}, "vllm.v1.worker.gpu_worker": {"Worker": Worker},
@@ -253,6 +257,7 @@ def fake_stack(monkeypatch):
         "lmcache.integration.vllm.vllm_v1_adapter": {"extract_request_configs": lambda sampling_params: None},
         "lmcache.v1": {}, "lmcache.v1.compute": {}, "lmcache.v1.compute.models": {},
         "lmcache.v1.compute.models.utils": {"VLLMModelTracker": Tracker},
+        "lmcache.v1.compute.models.base": {"LMCBaseModel": BaseModel},
         "lmcache.v1.gpu_connector": {}, "lmcache.v1.gpu_connector.gpu_connectors": {"lmc_ops": ops},
         "lmcache.v1.compute.blend": {}, "lmcache.v1.compute.blend.blender": {"LMCBlender": Blender},
         "lmcache.v1.compute.attention": {},
@@ -267,6 +272,7 @@ def fake_stack(monkeypatch):
         if parent:
             setattr(sys.modules[parent], child, mod)
     return types.SimpleNamespace(Worker=Worker, registered=registered, ops=ops, Blender=Blender,
+                                 BaseModel=BaseModel,
                                  FlashBackend=FlashBackend, Engine=Engine,
                                  connectors=sys.modules["lmcache.v1.gpu_connector.gpu_connectors"])
 

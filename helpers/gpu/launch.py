@@ -133,13 +133,20 @@ def model_config(model: str) -> dict | None:
 def served_architecture(config: dict | None, model: str) -> str | None:
     """The architecture to serve the model as (for --hf-overrides), None to keep its own.
 
-    Raises EngineError for an architecture LMCache's blender has no model for. A config we cannot
+    Raises EngineError for an architecture LMCache's blender has no model for, or a RoPE variant
+    blending cannot re-rotate (`rope.check_rope`). A config we cannot
     read (model not downloaded yet) passes: LMCache then names the problem in the engine log."""
     archs = (config or {}).get("architectures") or []
     if not archs:
         return None
     for arch in archs:
         if arch in SUPPORTED_ARCHS:
+            from .rope import UnsupportedRope, check_rope
+
+            try:  # a RoPE blending cannot move would answer wrong: refused before any engine starts
+                check_rope(config)
+            except UnsupportedRope as err:
+                raise EngineError(f"{model}: {err}") from err
             return SUPPORTED_ARCHS[arch]
     raise EngineError(
         f"{model} is a {', '.join(archs)} model; LMCache {VERSIONS['lmcache']}'s blender only computes "

@@ -6,6 +6,9 @@
 4. Layers below the check layer are never written back: vLLM's cache gets the retrieved KV, zeros
    at the gaps between segments. `process_qkv` writes every computed K/V back, selects the ratio
    among cached tokens and always recomputes the gaps (as the embedded engine does).
+
+And cached K is re-rotated with the served model's own rotary embedding (`served_rope`): LMCache
+builds its own without the model's RoPE scaling, which moves a Llama-3.x key to wrong angles.
 """
 
 from __future__ import annotations
@@ -90,10 +93,32 @@ def selected_attention(original, flex_options: dict | None = None, autotune: boo
     return forward_contiguous
 
 
+def served_rope(original):
+    """Wrap `LMCBaseModel.__init__`: its `fused_rotary_emb` (what LMCache's connector re-rotates
+    retrieved K with) becomes the served layer's rotary embedding (`helpers/gpu/rope.py`)."""
+
+    @functools.wraps(original)
+    def __init__(self, vllm_model, *args, **kwargs):
+        original(self, vllm_model, *args, **kwargs)
+        from .rope import Rerotate
+
+        rotary = vllm_model.model.layers[0].self_attn.rotary_emb
+        cache = getattr(rotary, "cos_sin_cache", None)
+        self.fused_rotary_emb = Rerotate(rotary, None if cache is None else cache.device)
+
+    __init__._kvblend = True
+    return __init__
+
+
 def mend_blender(settings: GpuBlendSettings) -> None:
-    """Faults 3 and 4: our `process_qkv` for LMCache's blender, exact masks for selected tokens."""
+    """Faults 3 and 4: our `process_qkv` for LMCache's blender, exact masks for selected tokens; and
+    the served model's RoPE for re-rotating retrieved K."""
     from lmcache.v1.compute.attention import flash_attn
     from lmcache.v1.compute.blend import blender
+    from lmcache.v1.compute.models import base
+
+    if not getattr(base.LMCBaseModel.__init__, "_kvblend", False):
+        base.LMCBaseModel.__init__ = served_rope(base.LMCBaseModel.__init__)
 
     blender.LMCBlender.process_qkv = functools.partialmethod(process_qkv, deviation=settings.deviation)
     backend = flash_attn.LMCFlashAttnBackend

@@ -13,6 +13,7 @@ import torch
 
 from ...selection import select_tokens
 from ...settings import GPU_BLEND, GpuBlendSettings
+from ..rope import Rerotate
 from . import FastPath, tp_group
 from .attention import attend_selected, prefix_split
 from .graphs import GRAPH_MAX_TOKENS, Tail, Tails
@@ -50,10 +51,10 @@ class FastBlender:
         self.ratio = float(lmc.common_metadata.recomp_ratios[0])
         self.tp_group = tp_group()  # ranks holding other KV heads select with this one (None: one rank)
         self.full_attention = lmc.layerwise_model.lmc_attn_layers  # FlashAttention, all queries
-        self.rerotate = lmc.layerwise_model.fused_rotary_emb  # K from old to new positions
-        cache = getattr(self.rerotate, "cos_sin_cache", None)
-        if cache is not None:  # LMCache copies it to the GPU on every call when it lives on the host
-            self.rerotate.cos_sin_cache = cache.to(self.layers[0].self_attn.qkv_proj.weight.device)
+        # K from old to new positions with the served model's own rotary embedding (its scaling
+        # included; LMCache's fused_rotary_emb ignores it), its cache kept on the store's device
+        self.rerotate = Rerotate(self.layers[0].self_attn.rotary_emb, store.kv.device)
+        self.rerotate.cache_for(store.kv.dtype, store.kv.device)  # before any CUDA graph capture
         self.process_qkv = getattr(lmc.layerwise_model, "_process_qkv", lambda q, k, v, layer: (q, k, v))
         self.tails = Tails(graphs=store.kv.device.type == "cuda" and settings.graphs)
         self.clock = None  # the previous prompt's
