@@ -197,11 +197,12 @@ def test_blending_enabled(tmp_path):
     assert vp.blending_enabled({"LMCACHE_ENABLE_BLENDING": "True"})
 
 
-def vllm_config(tp=1, pp=1, prefix_caching=False, eager=True, budget=4096, context=4096):
+def vllm_config(tp=1, pp=1, prefix_caching=False, eager=True, budget=4096, context=4096, rope=None):
     """vLLM's config as the worker holds it (`Worker.vllm_config`), as our launcher starts it."""
     ns = types.SimpleNamespace
+    hf = {"rope_theta": 10000.0, **({"rope_scaling": rope} if rope else {})}
     return ns(parallel_config=ns(tensor_parallel_size=tp, pipeline_parallel_size=pp),
-              model_config=ns(enforce_eager=eager, max_model_len=context, dtype=torch.bfloat16),
+              model_config=ns(enforce_eager=eager, max_model_len=context, dtype=torch.bfloat16, hf_config=hf),
               cache_config=ns(enable_prefix_caching=prefix_caching),
               scheduler_config=ns(max_num_batched_tokens=budget))
 
@@ -418,6 +419,26 @@ def test_unrun_serving_settings_are_refused_at_load(fake_stack, tmp_path, monkey
     with pytest.raises(vp.BlendRefused, match=says):
         fake_stack.Worker(config).load_model()
     assert fake_stack.registered == []
+
+
+@pytest.mark.parametrize("rope, refused", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, None),
+])
+def test_a_rope_blending_cannot_move_is_refused_at_load(fake_stack, tmp_path, monkeypatch, rope, refused):
+    """A served model's RoPE is checked before the model loads: one blending cannot re-rotate by a
+    position delta (dynamic NTK) stops the engine, naming it; Llama-3's scaling loads."""
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    vp.register()
+    if refused:
+        with pytest.raises(vp.BlendRefused, match=refused):
+            fake_stack.Worker(vllm_config(rope=rope)).load_model()
+        assert fake_stack.registered == []
+    else:
+        fake_stack.Worker(vllm_config(rope=rope)).load_model()
+        assert fake_stack.registered == [("vllm-instance", "the-model")]
 
 
 def test_load_checks_take_more_checks(fake_stack, tmp_path, monkeypatch, caplog):

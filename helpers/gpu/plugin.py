@@ -95,8 +95,18 @@ def version_problem(have: dict | None = None, environ=None) -> str | None:
 # ------------------------------------------------------------------ load-time checks
 # Each runs in the worker on vLLM's config (`VllmConfig`) before the model loads, in a blend engine
 # only. A check refuses by raising (BlendRefused, or any exception with a clear message: vLLM stops
-# the engine at start-up and prints it) and may return warnings (logged). The RoPE check plugs in
-# here, e.g. `LOAD_CHECKS.append(lambda config: check_rope(config.model_config.hf_config))`.
+# the engine at start-up and prints it) and may return warnings (logged).
+def check_rope_at_load(config) -> list[str]:
+    """Refuse a model whose RoPE blending cannot re-rotate (rope.check_rope names its type)."""
+    from .rope import UnsupportedRope, check_rope
+
+    try:
+        check_rope(config.model_config.hf_config)
+    except UnsupportedRope as err:
+        raise BlendRefused(f"kvblend: {err} Serve this model without blending.") from err
+    return []
+
+
 def check_parallelism(config) -> list[str]:
     """Refuse tensor and pipeline parallelism. Selection is made to agree across tensor-parallel
     ranks (the deviation is all-reduced before top-k), but no multi-GPU engine has blended yet;
@@ -146,7 +156,7 @@ def check_serving_settings(config) -> list[str]:
     return []
 
 
-LOAD_CHECKS: list[Callable] = [check_parallelism, check_serving_settings]
+LOAD_CHECKS: list[Callable] = [check_rope_at_load, check_parallelism, check_serving_settings]
 
 
 def run_load_checks(config) -> None:
