@@ -57,11 +57,11 @@ def router_exe() -> str:
 def router_engine(front: Engine, workers: list[Engine], policy: str = DEFAULT_POLICY,
                   startup_timeout: float = 600) -> Engine:
     """vllm-router on the front engine's port, in front of `workers`. It checks them every second and
-    takes one out after two failed checks; a request to a dead one is retried on another."""
+    takes one out after three failed checks (a dead one fails at once); a request to a dead one is retried on another."""
     cmd = [router_exe(), "--host", front.host, "--port", str(front.port),
            "--worker-urls", *[w.url for w in workers], "--policy", policy,
-           "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
-           "--health-success-threshold", "1", "--health-check-timeout-secs", "2",
+           "--health-check-interval-secs", "1", "--health-failure-threshold", "3",
+           "--health-success-threshold", "1", "--health-check-timeout-secs", "5",
            "--worker-startup-timeout-secs", str(int(startup_timeout)), "--worker-startup-check-interval", "1",
            "--request-timeout-secs", "600"]
     label = front.env.get(runtime.LABEL_ENV)
