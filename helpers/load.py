@@ -108,10 +108,19 @@ def sweep(engines: Sequence[Engine], rates: Sequence[float], seconds: float = 5,
     for e in engines:
         model = model_id(e)
         for rate in rates:
-            rows.append(asyncio.run(run_rate(e, model, prompts, rate, seconds, max_tokens, timeout)))
+            rows.append(run_sync(run_rate(e, model, prompts, rate, seconds, max_tokens, timeout)))
             if log:
                 log(format_row(rows[-1]))
     return rows
+
+
+def run_sync(coro):
+    """Run a coroutine to its end from plain code, also where an event loop already runs (a notebook's
+    kernel): in a thread of its own, with its own loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def max_rate_under(rows: Sequence[dict], limit_s: float) -> dict[str, float | None]:
