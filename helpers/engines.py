@@ -235,10 +235,11 @@ def plan(backend_name: str, model: str | None, blend_port: int, full_port: int, 
             workers.append(scale.as_replica(engines_for(backend_name, model, *ports, **kw)[k], i))
         out.append(scale.router_engine(front, workers, policy, timeout))
         reps += workers
-    taken = [e.port for e in out + reps]
+    taken = [e.port for e in out + reps] + [scale.metrics_port(e.port) for e in out if e.role == "router"]
     if len(set(taken)) < len(taken):
         raise EngineError(f"The engines' ports collide ({sorted(taken)}): choose --blend-port and "
-                          "--full-port further apart (replicas take the front port + 100, + 110, ...).")
+                          "--full-port further apart (replicas take the front port + 100, + 110, ...; "
+                          "a router's metrics, + 90).")
     return out + reps
 
 
@@ -274,8 +275,13 @@ def start(backend: str = "auto", model: str | None = None, blend_port: int = POR
                     started.append(e)
                 if e.role == "redis":
                     wait_healthy([e], 30, progress=False)
-            wait_healthy(engines, timeout, progress)
         except (EngineError, KeyboardInterrupt):
+            for e in reversed(started):
+                stop_engine(e)
+            raise
+        try:
+            wait_healthy(engines, timeout, progress)
+        except KeyboardInterrupt:
             for e in reversed(started):
                 stop_engine(e)
             raise

@@ -7,7 +7,8 @@ shared through. `helpers.engines.start` builds on these; this module only descri
     clients --> vllm-router :8001 --> full-1  :8101
                                   --> full-2  :8111
 
-A replica's port is its front port + 100 + 10 * (i - 1). The router takes the engine's usual port,
+A replica's port is its front port + 100 + 10 * (i - 1); a router's metrics (Prometheus) port, its
+front port + 90. The router takes the engine's usual port,
 so notebooks and clients are unchanged. The managed Redis listens on 127.0.0.1 only, keeps nothing
 on disk and evicts the least recently used chunks when it reaches its memory limit.
 """
@@ -30,6 +31,11 @@ DEFAULT_POLICY = "round_robin"
 def replica_port(front_port: int, i: int) -> int:
     """The port of replica i (1-based) of the engine whose router listens on `front_port`."""
     return front_port + 100 + 10 * (i - 1)
+
+
+def metrics_port(front_port: int) -> int:
+    """The router's Prometheus port (each router needs its own): its front port + 90."""
+    return front_port + 90
 
 
 def redis_engine(port: int = REDIS_PORT, maxmemory: str = REDIS_MAXMEMORY) -> Engine:
@@ -57,13 +63,14 @@ def router_exe() -> str:
 def router_engine(front: Engine, workers: list[Engine], policy: str = DEFAULT_POLICY,
                   startup_timeout: float = 600) -> Engine:
     """vllm-router on the front engine's port, in front of `workers`. It checks them every second and
-    takes one out after three failed checks (a dead one fails at once); a request to a dead one is retried on another."""
+    takes one out after three failed checks (a dead one fails each at once)."""
     cmd = [router_exe(), "--host", front.host, "--port", str(front.port),
            "--worker-urls", *[w.url for w in workers], "--policy", policy,
            "--health-check-interval-secs", "1", "--health-failure-threshold", "3",
            "--health-success-threshold", "1", "--health-check-timeout-secs", "5",
            "--worker-startup-timeout-secs", str(int(startup_timeout)), "--worker-startup-check-interval", "1",
-           "--request-timeout-secs", "600"]
+           "--request-timeout-secs", "600", "--prometheus-host", HOST,
+           "--prometheus-port", str(metrics_port(front.port))]
     label = front.env.get(runtime.LABEL_ENV)
     env = {runtime.LABEL_ENV: label} if label else {}
     return Engine(front.name, front.port, front.backend, cmd, env, host=front.host, model=front.model,

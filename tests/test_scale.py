@@ -48,6 +48,13 @@ def test_replicas_sit_behind_a_router_on_the_usual_port():
     assert flag(by["full"].cmd, "--kv-store") is None  # the full engine has no chunk KV to share
 
 
+def test_two_routers_get_metrics_ports_of_their_own():
+    todo = engines.plan("embedded", None, 8000, 8001, {"blend": 2, "full": 2})
+    routers = [e for e in todo if e.role == "router"]
+    assert [flag(e.cmd, "--prometheus-port") for e in routers] == ["8090", "8091"]
+    assert all(flag(e.cmd, "--prometheus-host") == "127.0.0.1" for e in routers)
+
+
 def test_without_new_flags_the_plan_is_the_two_engines():
     todo = engines.plan("embedded", None, 8000, 8001)
     assert [(e.name, e.role, e.port) for e in todo] == [("blend", "engine", 8000), ("full", "engine", 8001)]
