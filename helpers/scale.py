@@ -84,5 +84,6 @@ def as_replica(e: Engine, i: int) -> Engine:
 
 def managed_names() -> list[str]:
     """Every process name this run dir may hold a pid file for: the two fronts, replicas, Redis."""
-    replicas = sorted({p.stem for pat in ("blend-*.json", "full-*.json") for p in runtime.RUN_DIR.glob(pat)})
+    replicas = sorted({p.stem for pat in ("blend-*.json", "full-*.json") for p in runtime.RUN_DIR.glob(pat)
+                       if p.stem.split("-", 1)[1].isdigit()})  # blend-1, full-2: never other engines' files
     return ["blend", "full", *replicas, "redis"]

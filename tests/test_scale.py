@@ -127,6 +127,12 @@ def test_a_stale_redis_pid_file_never_signals_a_stranger(own_run_dir):
         stranger.wait()
 
 
+def test_managed_names_are_the_fronts_the_replicas_and_redis(own_run_dir):
+    for name in ("blend-2", "blend-1", "full-1", "blend-fast", "fixed_0.15", "docs"):
+        (own_run_dir / f"{name}.json").write_text("{}")
+    assert scale.managed_names() == ["blend", "full", "blend-1", "blend-2", "full-1", "redis"]
+
+
 def test_no_redis_server_says_what_to_do(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(EngineError, match="apt-get install redis-server"):
