@@ -95,9 +95,9 @@ def launch(e: Engine) -> Engine:
     elif old:  # a stale pid file: its process is gone or is some other program now; never signal it
         old.pidfile.unlink(missing_ok=True)
     if port_in_use(e.port, e.host):
-        raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} engine "
-                          f"cannot start. {busy_port_fix(e.port)}, or choose another port with "
-                          f"--{e.name}-port.")
+        what = "Redis" if e.role == "redis" else "engine"
+        raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} {what} "
+                          f"cannot start. {busy_port_fix(e.port)}, or {another_port(e)}.")
     if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
         os.replace(e.log, e.log.with_name(e.log.name + ".1"))
     e.run_dir, e.checkout = str(runtime.RUN_DIR), str(ROOT)
@@ -116,6 +116,15 @@ def launch(e: Engine) -> Engine:
         proc.wait()
         raise
     return e
+
+
+def another_port(e: Engine) -> str:
+    """How to give `e` another port, by its role."""
+    if e.role == "redis":
+        return f"use the Redis there with --kv-store redis://{e.host}:{e.port}"
+    if e.role == "replica":
+        return "move the replicas with --blend-port / --full-port (they take the front port + 100, + 110...)"
+    return f"choose another port with --{e.name}-port"
 
 
 def busy_port_fix(port: int) -> str:

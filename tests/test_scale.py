@@ -133,6 +133,18 @@ def test_managed_names_are_the_fronts_the_replicas_and_redis(own_run_dir):
     assert scale.managed_names() == ["blend", "full", "blend-1", "blend-2", "full-1", "redis"]
 
 
+@needs_redis
+def test_a_busy_redis_port_says_what_to_do(own_run_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(EngineError, match=r"Redis cannot start.*--kv-store redis://127\.0\.0\.1:\d+"):
+            engines.launch(scale.redis_engine(s.getsockname()[1]))
+    assert not (own_run_dir / "redis.json").exists()
+
+
 def test_no_redis_server_says_what_to_do(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(EngineError, match="apt-get install redis-server"):
