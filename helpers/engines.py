@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict
 from types import ModuleType
 
-from . import runtime
+from . import runtime, scale
 from .runtime import (
     PORTS,
     ROOT,
@@ -95,9 +95,9 @@ def launch(e: Engine) -> Engine:
     elif old:  # a stale pid file: its process is gone or is some other program now; never signal it
         old.pidfile.unlink(missing_ok=True)
     if port_in_use(e.port, e.host):
-        raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} engine "
-                          f"cannot start. {busy_port_fix(e.port)}, or choose another port with "
-                          f"--{e.name}-port.")
+        what = "Redis" if e.role == "redis" else "engine"
+        raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} {what} "
+                          f"cannot start. {busy_port_fix(e.port)}, or {another_port(e)}.")
     if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
         os.replace(e.log, e.log.with_name(e.log.name + ".1"))
     e.run_dir, e.checkout = str(runtime.RUN_DIR), str(ROOT)
@@ -116,6 +116,15 @@ def launch(e: Engine) -> Engine:
         proc.wait()
         raise
     return e
+
+
+def another_port(e: Engine) -> str:
+    """How to give `e` another port, by its role."""
+    if e.role == "redis":
+        return f"use the Redis there with --kv-store redis://{e.host}:{e.port}"
+    if e.role == "replica":
+        return "move the replicas with --blend-port / --full-port (they take the front port + 100, + 110...)"
+    return f"choose another port with --{e.name}-port"
 
 
 def busy_port_fix(port: int) -> str:
@@ -217,42 +226,90 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, desc="starting engines", unit="engine")
 
 
+def plan(backend_name: str, model: str | None, blend_port: int, full_port: int, replicas: dict | None = None,
+         policy: str = scale.DEFAULT_POLICY, timeout: float = 300, **kw) -> list[Engine]:
+    """The processes of one launch, not started: the blend and full fronts first (an engine, or a
+    router in front of its replicas when `replicas[name]` > 1), then the replicas."""
+    fronts = engines_for(backend_name, model, blend_port, full_port, **kw)
+    out, reps = [], []
+    for k, front in enumerate(fronts):
+        n = (replicas or {}).get(front.name, 1)
+        if n <= 1:
+            out.append(front)
+            continue
+        workers = []
+        for i in range(1, n + 1):
+            p = scale.replica_port(front.port, i)
+            ports = (p, full_port) if front.name == "blend" else (blend_port, p)
+            workers.append(scale.as_replica(engines_for(backend_name, model, *ports, **kw)[k], i))
+        out.append(scale.router_engine(front, workers, policy, timeout))
+        reps += workers
+    taken = [e.port for e in out + reps] + [scale.metrics_port(e.port) for e in out if e.role == "router"]
+    if len(set(taken)) < len(taken):
+        raise EngineError(f"The engines' ports collide ({sorted(taken)}): choose --blend-port and "
+                          "--full-port further apart (replicas take the front port + 100, + 110, ...; "
+                          "a router's metrics, + 90).")
+    return out + reps
+
+
 def start(backend: str = "auto", model: str | None = None, blend_port: int = PORTS["blend"],
           full_port: int = PORTS["full"], timeout: float = 300, progress: bool = True,
-          docs: str | None = None, **kw) -> list[Engine]:
+          docs: str | None = None, kv_store: str | None = None, replicas: dict | None = None,
+          policy: str = scale.DEFAULT_POLICY, **kw) -> list[Engine]:
     """Start (or find running) blend and full engines and wait until both are healthy. One launcher
     at a time; a launch that fails or is interrupted before both run stops what it started (a
     healthy engine stays when only the other one fails to come up).
 
     `docs`: the documents folder this launch serves (resolved), recorded for the notebooks. Running
-    engines that hold another folder are refused, so a notebook never offers the wrong chunks."""
+    engines that hold another folder are refused, so a notebook never offers the wrong chunks.
+    `kv_store`: "redis" starts a local Redis (managed like the engines) that the blend engines share
+    chunk KV through; "redis://HOST:PORT" uses that one. `replicas` ({"blend": N, "full": M}): N
+    engines behind vllm-router on the engine's port (`helpers/scale.py`). Returns the fronts first
+    (blend, full), then replicas, then the managed Redis."""
     from .library import check_docs, record_docs, recorded_docs
 
     with launcher_lock(timeout):
         check_docs(docs)
-        started = []
+        started, engines = [], []
         try:
-            engines = []
-            for e in engines_for(pick_backend(backend), model, blend_port, full_port, **kw):
+            extra = [scale.redis_engine()] if kv_store == "redis" else []
+            if extra:
+                kv_store = extra[0].url
+            todo = plan(pick_backend(backend), model, blend_port, full_port, replicas, policy, timeout,
+                        **({"kv_store": kv_store} if kv_store else {}), **kw)
+            stop_others({e.name for e in todo + extra})
+            for e in extra + todo[2:] + todo[:2]:  # Redis, replicas, then what listens on :8000/:8001
                 engines.append(launch(e))
                 if engines[-1] is e:
                     started.append(e)
+                if e.role == "redis":
+                    wait_healthy([e], 30, progress=False)
         except (EngineError, KeyboardInterrupt):
-            for e in started:
+            for e in reversed(started):
                 stop_engine(e)
             raise
         try:
             wait_healthy(engines, timeout, progress)
         except KeyboardInterrupt:
-            for e in started:
+            for e in reversed(started):
                 stop_engine(e)
             raise
-        if docs or engines[0] in started:  # a fresh blend engine holds only what this launch gives it
+        fronts = [e for e in engines if e.name in ("blend", "full")]
+        if docs or fronts[0] in started:  # a fresh blend engine holds only what this launch gives it
             record_docs(docs)
         elif recorded_docs():
             print(f"note: the running engines also hold the documents of {recorded_docs()}",
                   file=sys.stderr)
-    return engines
+    return fronts + [e for e in engines if e not in fronts and e.role != "redis"] + \
+        [e for e in engines if e.role == "redis"]
+
+
+def stop_others(keep: set[str]) -> None:
+    """Stop the replicas, routers and Redis of an earlier launch that this one does not plan."""
+    for name in scale.managed_names():
+        old = read_pidfile(name)
+        if name not in keep and old is not None:
+            stop_engine(old)
 
 
 def signal_engine(pid: int, sig: int) -> None:
@@ -285,13 +342,14 @@ def stop_engine(e: Engine, grace: float = 10.0) -> None:
     e.pidfile.unlink(missing_ok=True)
 
 
-def stop(names=("blend", "full"), ports: dict | None = None) -> list[str]:
-    """Stop our engines: the ones the pid files name, and any of this checkout and run dir still
-    listening on their ports or on `ports` ({name: port}), e.g. one whose pid file was lost. An
-    engine of another checkout or run dir on those ports is named, never stopped."""
+def stop(names=None, ports: dict | None = None) -> list[str]:
+    """Stop our engines (routers, replicas and the managed Redis too): the ones the pid files name,
+    and any of this checkout and run dir still listening on their ports or on `ports` ({name:
+    port}), e.g. one whose pid file was lost. An engine of another checkout or run dir on those
+    ports is named, never stopped."""
     stopped = []
     with launcher_lock():
-        for name in names:
+        for name in names or scale.managed_names():
             e = read_pidfile(name)
             if e:
                 if owns(e):
@@ -314,14 +372,17 @@ def stop(names=("blend", "full"), ports: dict | None = None) -> list[str]:
 
 
 def status() -> dict:
+    """{name: state} of the blend and full engines (always named) and of every replica, router and
+    managed Redis this run dir holds a pid file for."""
     out = {}
-    for name in ("blend", "full"):
+    for name in scale.managed_names():
         e = read_pidfile(name)
         if e is None or not owns(e):
-            out[name] = {"running": False, **({"stale_pid_file": str(e.pidfile)} if e else {})}
+            if e or name in ("blend", "full"):
+                out[name] = {"running": False, **({"stale_pid_file": str(e.pidfile)} if e else {})}
         else:
             h = health(e)
-            out[name] = {"running": True, "healthy": bool(h), "url": e.url, "pid": e.pid,
+            out[name] = {"running": True, "healthy": bool(h), "role": e.role, "url": e.url, "pid": e.pid,
                          "backend": e.backend, "log": str(e.log), **({"health": h} if h else {})}
     return out
 

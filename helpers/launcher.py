@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import engines, runtime
+from . import engines, runtime, scale
 from .runtime import PORTS, EngineError
 from .settings import BLEND, GPU_BLEND
 
@@ -23,7 +23,13 @@ def warm(e: runtime.Engine, texts: list[str]) -> None:
     except EngineError as err:
         raise EngineError(f"{err}\nThe engines are running but the chunk KV cache is not warm: run "
                           "`./launch_engines.sh` again to retry, or `./launch_engines.sh stop`.") from err
-    print(f"chunk KV ready: {res['tokens']} tokens, {res['computed']} chunks computed now")
+    print(f"chunk KV ready on {e.name}: {res['tokens']} tokens, {res['computed']} chunks computed now")
+
+
+def blend_engines(started: list[runtime.Engine]) -> list[runtime.Engine]:
+    """The engines that hold chunk KV: the blend engine, or each blend replica behind its router."""
+    reps = [e for e in started if e.role == "replica" and e.name.startswith("blend-")]
+    return reps or started[:1]
 
 
 def load_library(docs: str | None):
@@ -68,6 +74,16 @@ def main(argv=None) -> int:
                          f"(default {BLEND.check_layer})")
     ap.add_argument("--no-disk-cache", action="store_true",
                     help="embedded only: keep chunk KV in memory only (default: also in .cache/chunk-kv)")
+    ap.add_argument("--kv-store", default=None, metavar="redis|redis://HOST:PORT",
+                    help="share chunk KV among blend engines through Redis: 'redis' starts a local "
+                         f"redis-server on 127.0.0.1:{scale.REDIS_PORT} (stopped by `stop`); a URL, yours")
+    ap.add_argument("--blend-replicas", type=int, default=1,
+                    help="N > 1: N blend engines behind vllm-router on --blend-port (default 1: no router)")
+    ap.add_argument("--full-replicas", type=int, default=1, help="the same for the full engine")
+    ap.add_argument("--router-policy", default=scale.DEFAULT_POLICY, choices=scale.POLICIES,
+                    help=f"vllm-router's policy for replicas (default {scale.DEFAULT_POLICY})")
+    ap.add_argument("--json", action="store_true",
+                    help="status: every managed process (engines, replicas, routers, Redis) as a JSON list")
     return runtime.run_cli(ap, argv, bad_arguments, run)
 
 
@@ -83,11 +99,31 @@ def bad_arguments(args) -> str | None:
         return "--timeout must be positive"
     if not 0 < args.ratio <= 1 or args.check_layer < 0:
         return "--ratio must be in (0, 1] and --check-layer >= 0"
+    if args.kv_store not in (None, "redis") and not args.kv_store.startswith(("redis://", "rediss://")):
+        return "--kv-store takes 'redis' (start a local one) or a URL redis://HOST:PORT"
+    if not (1 <= args.blend_replicas <= 16 and 1 <= args.full_replicas <= 16):
+        return "--blend-replicas and --full-replicas must be from 1 to 16"
     if args.docs is not None:
         args.docs = str(Path(args.docs).expanduser().resolve())
     if args.model and Path(args.model).expanduser().exists():
         args.model = str(Path(args.model).expanduser().resolve())
     return None
+
+
+def start_kwargs(args, docs) -> dict:
+    """engines.start's settings from the command line; a backend's own options only when given."""
+    kw = {"ratio": args.ratio, "check_layer": args.check_layer, "docs": docs}
+    for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
+        if getattr(args, opt) is not None:
+            kw[opt] = getattr(args, opt)
+    if args.no_disk_cache:
+        kw["kv_dir"] = None
+    if args.kv_store:
+        kw["kv_store"] = args.kv_store
+    if args.blend_replicas > 1 or args.full_replicas > 1:
+        kw["replicas"] = {"blend": args.blend_replicas, "full": args.full_replicas}
+        kw["policy"] = args.router_policy
+    return kw
 
 
 def run(args) -> int:
@@ -103,7 +139,12 @@ def run(args) -> int:
         return 0
     if args.action == "status":
         st = engines.status()
-        print(json.dumps(st, indent=2))
+        if args.json:
+            print(json.dumps([{"name": n, "role": s.get("role"), "url": s.get("url"), "pid": s.get("pid"),
+                               "healthy": s.get("healthy", False), "log": s.get("log")}
+                              for n, s in st.items() if s["running"]], indent=2))
+        else:
+            print(json.dumps(st, indent=2))
         return 0 if all(s.get("healthy") for s in st.values()) else 1
     from .documents import DocumentsError
 
@@ -112,18 +153,14 @@ def run(args) -> int:
     except DocumentsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    kw = {"ratio": args.ratio, "check_layer": args.check_layer, "docs": lib.docs}
-    for opt in ("load_format", "blend_path", "gpu_kv_store_gb"):  # vLLM's: passed only when given
-        if getattr(args, opt) is not None:
-            kw[opt] = getattr(args, opt)
-    if args.no_disk_cache:
-        kw["kv_dir"] = None
     try:
-        started = engines.start(args.backend, args.model, args.blend_port, args.full_port, args.timeout, **kw)
+        started = engines.start(args.backend, args.model, args.blend_port, args.full_port, args.timeout,
+                                **start_kwargs(args, lib.docs))
         if args.docs:
             print(f"your documents: {len(lib.doc_names())} chunks from {lib.docs}")
         if not args.no_precompute:
-            warm(started[0], list(lib.texts.values()))
+            for e in blend_engines(started):  # with a shared Redis, the first computes, the rest load
+                warm(e, list(lib.texts.values()))
     except (EngineError, DocumentsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -131,8 +168,9 @@ def run(args) -> int:
         print("interrupted: engines this launch started were stopped", file=sys.stderr)
         return 130
     for e in started:
-        print(f"{e.name:5s} engine ({e.backend}): {e.url}/v1   log: {e.log}")
-    settings = (runtime.blend_settings(started[0]) if started else "") or \
+        what = {"router": "vllm-router", "redis": "chunk KV store"}.get(e.role, f"engine ({e.backend})")
+        print(f"{e.name:5s} {what}: {e.url}{'' if e.role == 'redis' else '/v1'}   log: {e.log}")
+    settings = (runtime.blend_settings(blend_engines(started)[0]) if started else "") or \
         f"ratio {args.ratio}, check layer {args.check_layer}"
     print(f"blend settings: {settings}")
     return 0

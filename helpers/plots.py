@@ -206,6 +206,27 @@ def rag_trace(rows: list[dict]) -> go.Figure:
     return _layout(fig, "A RAG trace: blend vs full prefill", height=520)
 
 
+def load_curve(rows: list[dict], limit_s: float | None = None) -> go.Figure:
+    """TTFT against request rate (rows from `load.sweep`): p50 solid, p99 dashed, per engine, and the
+    p99 limit the highest sustainable rate is read against (the CacheBlend paper's Fig. 14 shape)."""
+    fig = go.Figure()
+    for e in dict.fromkeys(r["engine"] for r in rows):
+        mine = [r for r in rows if r["engine"] == e]
+        for p, dash in (("p50", "solid"), ("p99", "dash")):
+            fig.add_scatter(x=[r["rate"] for r in mine], y=[r[f"ttft_{p}_s"] for r in mine],
+                            name=f"{LABELS.get(e, e)} {p}", mode="lines+markers",
+                            line={"color": COLORS.get(e), "dash": dash},
+                            customdata=[[r["completed"], r["sent"]] for r in mine],
+                            hovertemplate="%{x:g} req/s: TTFT %{y:.2f} s (%{customdata[0]} of "
+                                          "%{customdata[1]} completed)<extra></extra>")
+    if limit_s:
+        fig.add_hline(y=limit_s, line_dash="dot", line_color="gray",
+                      annotation_text=f"p99 limit {limit_s:g} s")
+    fig.update_xaxes(title_text="request rate (requests/s)")
+    fig.update_yaxes(title_text="TTFT (s)", type="log")
+    return _layout(fig, "TTFT against request rate: blend vs full prefill")
+
+
 def gpu_ttft(rows: list[dict]) -> go.Figure:
     """TTFT on the GPU by prompt length: per run (card and model shape), plain vLLM and one line per
     blend path, labelled with the card, and the prompt length where each path starts to win. Pass

@@ -104,10 +104,14 @@ class Engine:
     run_dir: str | None = None  # the RUN_DIR its pid file lives in
     checkout: str | None = None  # the repository it was started from (ROOT)
     key: str | None = None  # key_tag() of the API key it requires, None for none
+    # what it is: "engine" (blend or full, alone), "replica" (one of several behind a router),
+    # "router" (vllm-router on the engine's port) or "redis" (the shared chunk KV store)
+    role: str = "engine"
+    title: str | None = None  # the process title the program gives itself (redis-server, vllm-router)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'redis' if self.role == 'redis' else 'http'}://{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -256,7 +260,8 @@ def owns(e: Engine) -> bool:
     if info is None or not same_process(e):
         return False
     same_cmd = info["cmd"] == e.cmd or is_engine_command(info["cmd"]) or "VLLM" in " ".join(info["cmd"])
-    return same_cmd and e.run_dir == str(RUN_DIR)
+    renamed = bool(e.title and info["cmd"] and info["cmd"][0].startswith(e.title))
+    return (same_cmd or renamed) and e.run_dir == str(RUN_DIR)
 
 
 def engine_on(port: int) -> tuple[int, dict] | None:
@@ -315,11 +320,28 @@ def alive(pid: int | None) -> bool:
 
 
 def health(e: Engine, timeout: float = 2.0) -> dict | None:
-    """The engine's /health answer ({"status": "ok"} for an empty one), None if it does not answer."""
+    """The engine's /health answer ({"status": "ok"} for an empty or plain-text one, as vllm-router
+    gives), None if it does not answer. A Redis is asked PING."""
+    if e.role == "redis":
+        return redis_ping(e.host, e.port, timeout)
     try:
         r = httpx.get(e.url + "/health", timeout=timeout, headers=auth_headers())
-        return r.json() if r.status_code == 200 and r.content else {"status": "ok"}
-    except (httpx.HTTPError, ValueError):
+    except httpx.HTTPError:
+        return None
+    try:
+        body = r.json() if r.status_code == 200 and r.content else None
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"status": "ok"}
+
+
+def redis_ping(host: str, port: int, timeout: float = 2.0) -> dict | None:
+    """{"status": "ok"} when a Redis answers PING at host:port, else None (no client library needed)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"PING\r\n")
+            return {"status": "ok"} if s.recv(64).startswith(b"+PONG") else None
+    except OSError:
         return None
 
 

@@ -226,6 +226,19 @@ def test_lmcache_yaml(ready):
         gpu.lmcache_yaml(check_layer=-1)
 
 
+def test_kv_store_gives_lmcache_a_redis_remote_backend(ready):
+    """What `--kv-store` generates for the GPU blend engine (untested on GPUs: the config only)."""
+    from helpers import engines
+
+    url, model = "redis://127.0.0.1:6390", model_dir(ready, MISTRAL)
+    blend, full = engines.plan("vllm", model, 8000, 8001, kv_store=url)
+    cfg = yaml.safe_load(open(blend.env["LMCACHE_CONFIG_FILE"]))
+    assert cfg["remote_url"] == url and cfg["remote_serde"] == "naive" and cfg["enable_blending"] is True
+    assert full.env["LMCACHE_CONFIG_FILE"] == ""  # the plain engine has no LMCache at all
+    blend, _ = engines.plan("vllm", model, 8000, 8001)
+    assert "remote_url" not in yaml.safe_load(open(blend.env["LMCACHE_CONFIG_FILE"]))
+
+
 def test_plugin_entry_point_for_a_checkout(ready, monkeypatch):
     monkeypatch.setattr(gpu.metadata, "entry_points", lambda group: [])  # package not pip-installed
     (folder,) = gpu.plugin_path()

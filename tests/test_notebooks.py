@@ -134,7 +134,8 @@ def test_03_benchmark(engine_ports, tmp_path):
     gpu_csv.write_text("model_shape,card,target_tokens,prompt_tokens,full_ttft_ms,blend_ttft_ms,speedup\n"
                        "7b,2x H200,4000,4100,310.5,120.2,2.58\n7b,2x H200,8000,8150,720.0,210.0,3.43\n")
     res, nb = execute("03_benchmark.ipynb", **engine_ports, SIZES=[500, 1500], REPEATS=2, CSV_PATH=str(csv),
-                      GPU_CSV=str(gpu_csv), TRACE_QUESTIONS=3, TRACE_MAX_TOKENS=4)
+                      GPU_CSV=str(gpu_csv), TRACE_QUESTIONS=3, TRACE_MAX_TOKENS=4,
+                      LOAD_RATES=[0.5, 2.0], LOAD_SECONDS=2, LOAD_QUESTIONS=2, LOAD_TOP_K=1)
     assert res["backend"] == "embedded"
     assert res["speedup_largest"] > 1, res
     assert [s["tokens"] for s in res["summary"]] == sorted(s["tokens"] for s in res["summary"])
@@ -142,7 +143,11 @@ def test_03_benchmark(engine_ports, tmp_path):
     assert res["gpu_rows"] == 2
     assert res["recall_at_k"] >= 0.85  # BM25 top-4 over every QA question
     assert res["rag"]["questions"] == 3 and res["rag"]["mean_reuse"] > 0.5, res["rag"]
-    assert len(outputs(nb, PLOTLY)) >= 4  # TTFT boxes, speed-up (with the GPU line), GPU TTFT, RAG trace
+    assert [(r["engine"], r["rate"]) for r in res["load"]] == [(e, r) for e in ("blend", "full")
+                                                                for r in (0.5, 2.0)]
+    assert all(r["completed"] == r["sent"] >= 3 for r in res["load"]), res["load"]
+    assert set(res["max_rate_under_limit"]) == {"blend", "full"}
+    assert len(outputs(nb, PLOTLY)) >= 5  # TTFT boxes, speed-up, GPU TTFT, RAG trace, load
 
 
 # ------------------------------------------------------------------ committed notebooks

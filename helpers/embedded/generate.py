@@ -15,6 +15,7 @@ from ..settings import BLEND, BlendSettings
 from .blend import ModelRunner
 from .kvstore import ChunkKVStore
 from .model import load_model
+from .remote import RedisTier
 
 LOGPROB_FLOOR = -9999.0  # what vLLM reports for an impossible token
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding, as in vLLM (no overflow to inf)
@@ -47,13 +48,15 @@ class Generator:
     """One model, one mode. Not thread-safe by design: the server runs one request at a time."""
 
     def __init__(self, model: str | None = None, mode: str = "blend", blend: BlendSettings = BLEND,
-                 store_bytes: int = 2 << 30, store_dir: str | Path | None = None, disk_bytes: int = 8 << 30):
+                 store_bytes: int = 2 << 30, store_dir: str | Path | None = None, disk_bytes: int = 8 << 30,
+                 remote_url: str | None = None):
         if mode not in ("blend", "full"):
             raise ValueError(f"mode must be 'blend' or 'full', not {mode!r}")
         mdl, tok, path = load_model(model)
         self.model_name = "smollm2" if model in (None, "smollm2") else Path(model).name
         self.mode, self.tok, self.blend = mode, tok, blend
-        store = ChunkKVStore(store_bytes, store_dir, disk_bytes, model_id=str(path))
+        remote = RedisTier(remote_url, str(path)) if remote_url and mode == "blend" else None
+        store = ChunkKVStore(store_bytes, store_dir, disk_bytes, model_id=str(path), remote=remote)
         self.runner = ModelRunner(mdl, tok, store, model_id=str(path))
         self.context_length = self.runner.max_len
         self.stop_ids = {i for i in [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]

@@ -1,5 +1,6 @@
 """A content-addressed store of per-chunk KV caches: in-memory LRU bounded in bytes, optionally
-backed by a directory so a restarted engine starts warm.
+backed by a directory so a restarted engine starts warm, and by a Redis shared by every engine
+(`remote.py`): memory -> disk -> Redis, the first that holds a chunk serves it.
 
 An entry is one tensor `[layers, 2, kv_heads, tokens, head_dim]` holding, per layer, the chunk's K
 *before* rotary embedding and its V, computed with the chunk alone at positions 0..n-1.
@@ -40,13 +41,15 @@ def checksum(kv: torch.Tensor) -> str:
 
 class ChunkKVStore:
     def __init__(self, max_bytes: int = 2 << 30, disk_dir: str | Path | None = None,
-                 disk_bytes: int = 8 << 30, model_id: str = "model"):
+                 disk_bytes: int = 8 << 30, model_id: str = "model", remote=None):
         self.max_bytes = int(max_bytes)
         self.disk_bytes = int(disk_bytes)
         self.model_id = model_id
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
+        self.remote = remote  # a RedisTier (or anything with get/put/stats), or None
+        self._published: set[str] = set()
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
@@ -67,6 +70,16 @@ class ChunkKVStore:
                 self.hits += 1
                 self.disk_hits += 1
             self._put_mem(key, kv)
+            self._publish(key, kv)
+            return kv
+        kv = self.remote.get(key) if self.remote is not None else None
+        if kv is not None:  # another engine computed it: keep a local copy in front of Redis
+            with self._lock:
+                self.hits += 1
+            if path is not None and not path.exists():
+                self._save(path, kv)
+            self._put_mem(key, kv)
+            self._published.add(key)
             return kv
         with self._lock:
             self.misses += 1
@@ -77,6 +90,12 @@ class ChunkKVStore:
         if path is not None and not path.exists():
             self._save(path, kv)
         self._put_mem(key, kv)
+        self._publish(key, kv)
+
+    def _publish(self, key: str, kv: torch.Tensor) -> None:
+        """Offer the chunk to the shared tier once per process (Redis keeps the first copy)."""
+        if self.remote is not None and key not in self._published and self.remote.put(key, kv):
+            self._published.add(key)
 
     def __contains__(self, key: str) -> bool:
         path = self._path(key)
@@ -102,6 +121,7 @@ class ChunkKVStore:
                 "damaged": self.damaged,
                 "disk_max_bytes": self.disk_bytes if self.disk_dir else None,
                 "disk_dir": str(self.disk_dir) if self.disk_dir else None,
+                **(self.remote.stats() if self.remote is not None else {}),
             }
 
     def _put_mem(self, key: str, kv: torch.Tensor) -> None:

@@ -26,11 +26,12 @@ def available() -> bool:
 
 def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST,
             ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
-            kv_dir: str | Path | None = DEFAULT, **vllm_only) -> list[Engine]:
+            kv_dir: str | Path | None = DEFAULT, kv_store: str | None = None, **vllm_only) -> list[Engine]:
     """The two embedded servers (not started). The blend engine keeps chunk KV in `kv_dir` too (about
     46 KB per token for SmolLM2, 1.8 GB for the whole corpus), so a restarted engine starts warm:
     computing every chunk's KV costs minutes on 2 cores, loading it back seconds. None keeps it in
-    memory only."""
+    memory only. `kv_store` (redis://HOST:PORT): a Redis the blend engine shares chunk KV through,
+    behind its memory and disk tiers."""
     if vllm_only:
         flags = ", ".join("--" + k.replace("_", "-") for k in vllm_only)
         raise EngineError(f"{flags}: options of the vllm backend; the embedded engines do not take them.")
@@ -42,6 +43,8 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
              "--port", str(port), "--ratio", str(ratio), "--check-layer", str(check_layer)]
         if mode == "blend" and kv_dir:
             c += ["--cache-dir", str(kv_dir)]
+        if mode == "blend" and kv_store:
+            c += ["--kv-store", kv_store]
         return c + (["--model", model] if model else [])
 
     # Two engines share 2 cores; each gets them all (only one runs at a time in a fair comparison).

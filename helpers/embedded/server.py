@@ -379,13 +379,14 @@ def main(argv=None):
     ap.add_argument("--cache-bytes", type=float, default=4e9, help="in-memory chunk KV budget")
     ap.add_argument("--cache-dir", default=None, help="directory that keeps chunk KV across restarts")
     ap.add_argument("--cache-disk-bytes", type=float, default=8e9, help="disk budget of --cache-dir")
+    ap.add_argument("--kv-store", default=None, help="redis://HOST:PORT: chunk KV shared by blend engines")
     ap.add_argument("--api-key", default=api_key(),
                     help="require 'Authorization: Bearer KEY' on /v1 (default: $KVBLEND_API_KEY)")
     ap.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests running or waiting")
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     args = ap.parse_args(argv)
     gen = Generator(args.model, args.mode, BlendSettings(args.ratio, args.check_layer, args.deviation),
-                    int(args.cache_bytes), args.cache_dir, int(args.cache_disk_bytes))
+                    int(args.cache_bytes), args.cache_dir, int(args.cache_disk_bytes), args.kv_store)
     app = create_app(gen, args.api_key, args.max_queue, args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

@@ -156,8 +156,11 @@ def served_architecture(config: dict | None, model: str) -> str | None:
 
 # ------------------------------------------------------------------ engines
 def lmcache_yaml(ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer, chunk_size: int = 256,
-                 cpu_cache_gb: float = 16.0) -> str:
-    """LMCache's config for the blend engine. Both blend lists must be set: 0.5.3 defaults them to None."""
+                 cpu_cache_gb: float = 16.0, remote_url: str | None = None) -> str:
+    """LMCache's config for the blend engine. Both blend lists must be set: 0.5.3 defaults them to None.
+    `remote_url` (redis://HOST:PORT, `--kv-store`): LMCache's Redis remote backend behind its local
+    CPU store, so chunk KV one engine computed can load into another. UNTESTED ON GPUs: the config is
+    what LMCache documents; whether the fast path's GPU store is fed from it has not been measured."""
     if not 0 < ratio <= 1:
         raise EngineError(f"The recompute ratio must be in (0, 1], got {ratio}.")
     if check_layer < 0:
@@ -172,6 +175,7 @@ def lmcache_yaml(ratio: float = BLEND.ratio, check_layer: int = BLEND.check_laye
         f'blend_special_str: "{SEP}"\n'
         f"blend_recompute_ratios: [{ratio}]\n"
         f"blend_check_layers: [{check_layer}]\n"
+        + (f'remote_url: "{remote_url}"\nremote_serde: "naive"\n' if remote_url else "")
     )
 
 
@@ -215,12 +219,13 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
             gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
             dtype: str = "auto", chunk_size: int = 256, cpu_cache_gb: float = 16.0,
             blend_path: str = GPU_BLEND.path, gpu_kv_store_gb: float = GPU_BLEND.store_gb,
-            **embedded_only) -> list[Engine]:
+            kv_store: str | None = None, **embedded_only) -> list[Engine]:
     """The blend and full engines (not started). Checks GPUs, versions and the model first.
     `blend_path`: `fast` (the default: our one-pass blender, chunk KV kept in `gpu_kv_store_gb` GB
     of GPU memory, 2x plain vLLM at 8K tokens on an H200), `fixed` (LMCache's blender, mended: the
     same answers, slower) or `upstream` (LMCache's, as shipped: wrong answers); both correct paths
     checked on real weights (docs/gpu.md, helpers/gpu/plugin.py).
+    `kv_store`: a Redis URL for LMCache's remote backend (`lmcache_yaml`; untested on GPUs).
     `embedded_only`: the embedded backend's options (`kv_dir`), ignored: LMCache keeps its own store."""
     if blend_path not in BLEND_PATHS:
         raise EngineError(f"--blend-path must be one of {', '.join(BLEND_PATHS)}, got {blend_path!r}.")
@@ -242,7 +247,8 @@ def engines(model: str | None, blend_port: int, full_port: int, host: str = HOST
     settings = GpuBlendSettings(path=blend_path, store_gb=gpu_kv_store_gb)
     blend = blend_engine("blend", blend_port, model, host=host, settings=settings, ratio=ratio,
                          check_layer=check_layer, chunk_size=chunk_size,
-                         cpu_cache_gb=cpu_cache_gb, env={"CUDA_VISIBLE_DEVICES": blend_gpu}, **opts)
+                         cpu_cache_gb=cpu_cache_gb, env={"CUDA_VISIBLE_DEVICES": blend_gpu},
+                         remote_url=kv_store, **opts)
     return [blend, full_engine("full", full_port, model, host=host, env={"CUDA_VISIBLE_DEVICES": full_gpu},
                                **opts)]
 
@@ -264,14 +270,14 @@ def full_engine(name: str, port: int, model: str, host: str = HOST, env: dict | 
 def blend_engine(name: str, port: int, model: str, host: str = HOST, settings: GpuBlendSettings = GPU_BLEND,
                  ratio: float = BLEND.ratio, check_layer: int = BLEND.check_layer,
                  chunk_size: int = 256, cpu_cache_gb: float = 16.0, env: dict | None = None,
-                 **opts) -> Engine:
+                 remote_url: str | None = None, **opts) -> Engine:
     """A vLLM + LMCache blend engine, with its own LMCache YAML in `.engines/` (and, for any name but
     `blend`, its own folder for LMCache's lookup sockets, so several can run side by side).
     `settings` reach our plugin in the engine's processes through `settings.to_env()`, its one
     channel; benchmarks pass their variants here."""
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     yaml_path = runtime.RUN_DIR / ("lmcache-blend.yaml" if name == "blend" else f"lmcache-{name}.yaml")
-    yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb))
+    yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb, remote_url))
     label = f"ratio {ratio}, check layer {check_layer}, {settings.path} path"  # runtime.blend_settings'
     extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), **settings.to_env(), runtime.LABEL_ENV: label}
     if name != "blend":
