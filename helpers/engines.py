@@ -97,7 +97,7 @@ def launch(e: Engine) -> Engine:
     if port_in_use(e.port, e.host):
         what = "Redis" if e.role == "redis" else "engine"
         raise EngineError(f"Port {e.port} is busy: {port_owner(e.port)} holds it, so the {e.name} {what} "
-                          f"cannot start. {busy_port_fix(e.port)}, or {another_port(e)}.")
+                          f"cannot start. {runtime.busy_port_fix(e.port)}, or {runtime.another_port(e)}.")
     if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
         os.replace(e.log, e.log.with_name(e.log.name + ".1"))
     e.run_dir, e.checkout = str(runtime.RUN_DIR), str(ROOT)
@@ -116,31 +116,6 @@ def launch(e: Engine) -> Engine:
         proc.wait()
         raise
     return e
-
-
-def another_port(e: Engine) -> str:
-    """How to give `e` another port, by its role."""
-    if e.role == "redis":
-        return f"use the Redis there with --kv-store redis://{e.host}:{e.port}"
-    if e.role == "replica":
-        return "move the replicas with --blend-port / --full-port (they take the front port + 100, + 110...)"
-    return f"choose another port with --{e.name}-port"
-
-
-def busy_port_fix(port: int) -> str:
-    """What to do about a busy port, depending on whose process holds it."""
-    found = runtime.engine_on(port)
-    if found and runtime.ours_here(found[1]):
-        return ("It is one of our engines without a pid file: run `./launch_engines.sh stop` (it finds it "
-                "by its port)")
-    if found:
-        return (f"It is an engine of another checkout or run dir ({owner(found[1])}): stop it there "
-                "with its own `./launch_engines.sh stop`")
-    return "Stop that process"
-
-
-def owner(info: dict) -> str:
-    return f"started in {info.get('cwd') or '?'}, run dir {info.get('run_dir') or '?'}"
 
 
 def startup_problem(e: Engine) -> str | None:
@@ -367,7 +342,7 @@ def stop(names=None, ports: dict | None = None) -> list[str]:
                     stopped.append(f"{name} (pid {pid}, :{port}, found by its port)")
                 elif found:
                     print(f"note: left alone: the engine on :{port} (pid {found[0]}) is not this checkout's "
-                          f"({owner(found[1])})", file=sys.stderr)
+                          f"({runtime.owner(found[1])})", file=sys.stderr)
     return stopped
 
 

@@ -293,6 +293,31 @@ def our_engine_on(port: int) -> int | None:
     return found[0] if found and ours_here(found[1]) else None
 
 
+def another_port(e: Engine) -> str:
+    """How to give `e` another port, by its role."""
+    if e.role == "redis":
+        return f"use the Redis there with --kv-store redis://{e.host}:{e.port}"
+    if e.role == "replica":
+        return "move the replicas with --blend-port / --full-port (they take the front port + 100, + 110...)"
+    return f"choose another port with --{e.name}-port"
+
+
+def busy_port_fix(port: int) -> str:
+    """What to do about a busy port, depending on whose process holds it."""
+    found = engine_on(port)
+    if found and ours_here(found[1]):
+        return ("It is one of our engines without a pid file: run `./launch_engines.sh stop` (it finds it "
+                "by its port)")
+    if found:
+        return (f"It is an engine of another checkout or run dir ({owner(found[1])}): stop it there "
+                "with its own `./launch_engines.sh stop`")
+    return "Stop that process"
+
+
+def owner(info: dict) -> str:
+    return f"started in {info.get('cwd') or '?'}, run dir {info.get('run_dir') or '?'}"
+
+
 def stopped_state(pid: int | None) -> str | None:
     """"stopped" or "tracing-stop" (SIGSTOP, a debugger): a process that makes no progress."""
     try:
