@@ -210,24 +210,27 @@ def headline(rows: list[dict], ratio: float) -> dict:
 
 # ------------------------------------------------------------------ the code itself, and K or V
 def source(*names: str) -> str:
-    """The source of `ModelRunner` methods by name, as a Markdown code block (notebook 02 shows the
-    engine's own code, so the text cannot drift from it)."""
+    """The source of `ModelRunner` methods (or of `helpers.selection`'s functions) by name, as a
+    Markdown code block (notebook 02 shows the engine's own code, so the text cannot drift from it)."""
     import inspect
     import textwrap
 
-    parts = [textwrap.dedent(inspect.getsource(getattr(ModelRunner, n))) for n in names]
+    from . import selection
+
+    parts = [textwrap.dedent(inspect.getsource(getattr(ModelRunner, n, None) or getattr(selection, n)))
+             for n in names]
     return "```python\n" + "\n".join(parts) + "```"
 
 
 def selection_source() -> str:
-    """The lines of `ModelRunner.blend_prefill` that measure the deviation at the check layer and
-    select the tokens to recompute, as a Markdown code block."""
+    """The lines of the engine's blend (`ModelRunner.blend_cached`) that measure the deviation at the
+    check layer and select the tokens to recompute, as a Markdown code block."""
     import inspect
     import textwrap
 
-    lines = inspect.getsource(ModelRunner.blend_prefill).splitlines()
+    lines = inspect.getsource(ModelRunner.blend_cached).splitlines()
     start = next(i for i, line in enumerate(lines) if "q, k, v = self.project(layer, h)" in line)
-    end = next(i for i, line in enumerate(lines) if "self.select_tokens(" in line)
+    end = next(i for i, line in enumerate(lines) if "select_tokens(" in line)
     return "```python\n" + textwrap.dedent("\n".join(lines[start:end + 1])) + "\n```"
 
 

@@ -164,3 +164,39 @@ def test_gpu_md_is_for_users():
 
 def test_store_size_of_the_published_numbers_is_said():
     assert "--gpu-kv-store-gb 6" in README and "--gpu-kv-store-gb 6" in GPU_MD
+
+
+def scale_out_tables(readme: str) -> tuple[list[tuple], list[tuple]]:
+    """The README's scale-out tables: (replica, seconds, computed) and (rate, p50 blend, p50 full,
+    p99 blend, p99 full, done/s blend, done/s full)."""
+    section = readme[readme.index("## Scale out"):readme.index("## Layout")]
+    warm = re.findall(r"^\| (?:through|then) (blend-\d)[^|]*\| ([\d.]+) s[^|]*\| (\d+) \|$", section, re.M)
+    num = r"([\d.]+)"
+    load = re.findall(rf"^\| {num} \| {num} s / {num} s \| {num} s / {num} s \| {num} / {num} \|$", section,
+                      re.M)
+    return warm, load
+
+
+def test_readme_scale_out_numbers_are_csv_rows():
+    """Every number of the README's scale-out tables is a row of the run's CSV (scripts/scale_out.py
+    --csv), so a new run cannot leave stale text behind."""
+    readme = (ROOT / "README.md").read_text()
+    warm, load = scale_out_tables(readme)
+    assert len(warm) == 2 and len(load) >= 2, (warm, load)
+    with open(ROOT / "docs" / "benchmarks" / "cpu_scale_out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    seen = {(r["engine"], f"{float(r['seconds']):.1f}", r["computed"])
+            for r in rows if r["measure"] == "warm"}
+    for replica, seconds, computed in warm:
+        assert (replica, seconds, computed) in seen, (replica, seconds, computed)
+    by = {(r["engine"], float(r["rate"])): r for r in rows if r["measure"] == "load"}
+    for rate, p50b, p50f, p99b, p99f, cb, cf in load:
+        b, f_ = by[("blend", float(rate))], by[("full", float(rate))]
+        keys = ("ttft_p50_s", "ttft_p99_s", "completed_per_s")
+        got = [f"{float(r[k]):.2f}" for k in keys for r in (b, f_)]
+        assert got == [p50b, p50f, p99b, p99f, cb, cf], (rate, got)
+
+
+def test_scale_out_check_sees_a_stale_number():
+    readme = "## Scale out\n| 0.5 | 0.87 s / 6.68 s | 1.85 s / 14.95 s | 0.46 / 0.21 |\n## Layout"
+    assert scale_out_tables(readme)[1] == [("0.5", "0.87", "6.68", "1.85", "14.95", "0.46", "0.21")]

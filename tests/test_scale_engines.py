@@ -30,14 +30,25 @@ TIMEOUT = 120  # seconds a request may take on 2 busy cores
 
 
 @pytest.fixture(scope="module")
-def cluster(run_dir):
+def cluster(tmp_path_factory):
+    """The replicas, router and Redis in a run dir of their own: the session's live engines (named
+    blend and full too) are not theirs to replace or stop."""
+    from helpers import runtime
+
+    mp = pytest.MonkeyPatch()
+    own = tmp_path_factory.mktemp("scale-engines")
+    mp.setattr(runtime, "RUN_DIR", own)
+    mp.setenv("KVBLEND_RUN_DIR", str(own))
     blend_port, full_port = free_port(), free_port()
-    started = engines.start("embedded", blend_port=blend_port, full_port=full_port, timeout=300,
-                            progress=False, kv_dir=None, kv_store="redis", replicas={"blend": 2})
-    by = {e.name: e for e in started}
-    assert by["blend"].role == "router" and by["redis"].role == "redis"
-    yield by
-    engines.stop()
+    try:
+        started = engines.start("embedded", blend_port=blend_port, full_port=full_port, timeout=300,
+                                progress=False, kv_dir=None, kv_store="redis", replicas={"blend": 2})
+        by = {e.name: e for e in started}
+        assert by["blend"].role == "router" and by["redis"].role == "redis"
+        yield by
+    finally:
+        engines.stop()
+        mp.undo()
 
 
 def ask(e, chunks: list[str], question: str = QUESTION, max_tokens: int = 4) -> httpx.Response:

@@ -432,3 +432,13 @@ def test_vllm_blend_settings_come_from_its_launcher(monkeypatch, tmp_path):
                          check_layer=3, gpu_memory_utilization=0.4, max_model_len=4096)
     assert widgets.pane_header(e) == "http://127.0.0.1:8000 · ratio 0.2, check layer 3, fixed path"
     assert runtime.blend_settings(runtime.Engine("full", 8001, "vllm")) == ""
+
+
+def test_notebook_02_shows_the_engines_own_selection_code():
+    """Notebook 02 quotes the engine's code from the module: it must still find it there."""
+    from helpers import walkthrough
+
+    shown = walkthrough.selection_source()
+    assert "self.project(layer, h)" in shown and "select_tokens(" in shown
+    assert "def select_tokens(" in walkthrough.source("select_tokens")
+    assert "def rerotate(" in walkthrough.source("rotate_k", "rerotate")
