@@ -10,24 +10,19 @@ DIR/conformance/conformance.csv (docs/benchmarks/gpu_conformance.csv holds the p
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from .conftest import gpu_stack_missing
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def missing() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return "no NVIDIA GPU (nvidia-smi not found)"
-    for name in ("vllm", "lmcache"):
-        if importlib.util.find_spec(name) is None:
-            return f"{name} is not installed (pip install -e '.[gpu]')"
-    return None
+    return gpu_stack_missing()
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(missing() is not None, reason=str(missing()))]

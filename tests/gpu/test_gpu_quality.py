@@ -13,24 +13,22 @@ written to DIR/quality.csv.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import gpu_stack_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = os.environ.get("KVBLEND_GPU_MODEL", "")
 
 
 def missing() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return "no NVIDIA GPU (nvidia-smi not found)"
-    for name in ("vllm", "lmcache"):
-        if importlib.util.find_spec(name) is None:
-            return f"{name} is not installed (pip install -e '.[gpu]')"
+    problem = gpu_stack_missing()
+    if problem:
+        return problem
     if not (Path(MODEL) / "config.json").is_file():
         return "KVBLEND_GPU_MODEL is not a model folder (real SmolLM2 weights: see docs/gpu.md)"
     return None
