@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from .kvstore import checksum  # the disk files' checksum: one rule for both tiers
+
 log = logging.getLogger(__name__)
 MAGIC = b"KVB1"
 PREFIX = "kvblend:"
@@ -33,7 +35,7 @@ FAILED = object()  # what `_call` returns when Redis did not answer
 def encode(kv: torch.Tensor, model_id: str) -> bytes:
     kv = kv.contiguous()
     raw = kv.view(-1).view(torch.uint8).numpy().tobytes()
-    header = json.dumps({"model": model_id, "sha256": hashlib.sha256(raw).hexdigest(),
+    header = json.dumps({"model": model_id, "sha256": checksum(kv),
                          "dtype": str(kv.dtype).removeprefix("torch."), "shape": list(kv.shape)}).encode()
     return MAGIC + struct.pack("<I", len(header)) + header + raw
 
