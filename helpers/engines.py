@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,7 @@ def launch(e: Engine) -> Engine:
     if e.log.exists():  # keep the last run's log; a rename never truncates a file still written to
         os.replace(e.log, e.log.with_name(e.log.name + ".1"))
     e.run_dir, e.checkout = str(runtime.RUN_DIR), str(ROOT)
+    fresh_metrics_dir(e)
     env = {**os.environ, **e.env, "KVBLEND_RUN_DIR": e.run_dir}  # marks the process as this run dir's
     with open(e.log, "w") as log:
         proc = subprocess.Popen(e.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -116,6 +118,18 @@ def launch(e: Engine) -> Engine:
         proc.wait()
         raise
     return e
+
+
+def fresh_metrics_dir(e: Engine) -> None:
+    """Empty the folder of Prometheus samples that `e`'s environment names (runtime.METRICS_DIR_ENV):
+    a previous run's files would add to its counters. Only a folder inside RUN_DIR is touched."""
+    folder = e.env.get(runtime.METRICS_DIR_ENV)
+    if not folder:
+        return
+    path, run_dir = (ROOT / folder).resolve(), runtime.RUN_DIR.resolve()  # relative: to the engine cwd
+    if path != run_dir and path.is_relative_to(run_dir):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
 
 
 def startup_problem(e: Engine) -> str | None:

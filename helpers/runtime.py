@@ -371,6 +371,9 @@ def redis_ping(host: str, port: int, timeout: float = 2.0) -> dict | None:
 
 
 LABEL_ENV = "KVBLEND_BLEND_LABEL"  # a blend engine's settings in words, as its launcher recorded them
+# A folder where an engine's processes write their Prometheus samples, summed on its API server's
+# /metrics (prometheus_client's multiprocess mode); `engines.launch` empties it if it is in RUN_DIR.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def blend_settings(e: Engine) -> str:

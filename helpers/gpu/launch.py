@@ -272,14 +272,17 @@ def blend_engine(name: str, port: int, model: str, host: str = HOST, settings: G
                  chunk_size: int = 256, cpu_cache_gb: float = 16.0, env: dict | None = None,
                  remote_url: str | None = None, **opts) -> Engine:
     """A vLLM + LMCache blend engine, with its own LMCache YAML in `.engines/` (and, for any name but
-    `blend`, its own folder for LMCache's lookup sockets, so several can run side by side).
+    `blend`, its own folder for LMCache's lookup sockets, so several can run side by side) and its
+    own folder of Prometheus samples in `.engines/` (emptied at each launch).
     `settings` reach our plugin in the engine's processes through `settings.to_env()`, its one
     channel; benchmarks pass their variants here."""
     runtime.RUN_DIR.mkdir(parents=True, exist_ok=True)
     yaml_path = runtime.RUN_DIR / ("lmcache-blend.yaml" if name == "blend" else f"lmcache-{name}.yaml")
     yaml_path.write_text(lmcache_yaml(ratio, check_layer, chunk_size, cpu_cache_gb, remote_url))
     label = f"ratio {ratio}, check layer {check_layer}, {settings.path} path"  # runtime.blend_settings'
-    extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), **settings.to_env(), runtime.LABEL_ENV: label}
+    extra = {"LMCACHE_CONFIG_FILE": str(yaml_path), **settings.to_env(), runtime.LABEL_ENV: label,
+             # the engine process's counters (the fast path's fallbacks) on the API server's /metrics
+             runtime.METRICS_DIR_ENV: str(runtime.RUN_DIR / f"prometheus-{name}-{port}")}
     if name != "blend":
         rpc = Path("/tmp") / f"kvb{port}"  # short: LMCache's socket paths in it must fit in 107 bytes
         rpc.mkdir(parents=True, exist_ok=True)

@@ -188,7 +188,7 @@ def _register_model_after_load() -> None:
         if FAST.settings.path == "fast":
             from .fast.store import make_store
 
-            FAST.store = make_store(self, model, FAST.settings.store_gb)
+            FAST.use(make_store(self, model, FAST.settings.store_gb))
         return result
 
     load_model._kvblend = True

@@ -26,6 +26,7 @@ anything fails). Its switches are `helpers.settings.GpuBlendSettings`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,19 +36,55 @@ if TYPE_CHECKING:
     from .store import ChunkStore
 
 
+FALLBACKS = "kvblend_fast_path_fallbacks"  # served as kvblend_fast_path_fallbacks_total{reason=...}
+REASONS = ("no_room", "error")  # no room in the store or no chunk hit; an exception
+
+
 @dataclass
 class FastPath:
     """The fast path in one engine process: its settings, its GPU chunk store (None until the
     model is loaded, or with none) and how many prompts fell back to LMCache's blender: all of
     them (`fallbacks`: no room in the store, no chunk hit, or an error) and those after an error
     (`failures`). A failure sends that prompt alone to LMCache's blender; the next one tries again.
-    The counts are in the log only: vLLM's /metrics is served by its API server process, which
-    sees no counter of the engine process unless PROMETHEUS_MULTIPROC_DIR is set."""
+    Both are logged and counted in `kvblend_fast_path_fallbacks_total{reason="no_room"|"error"}`
+    (`fallback_counter`), which vLLM's /metrics serves from its API server, another process, when
+    PROMETHEUS_MULTIPROC_DIR names a folder for both: the launcher gives each blend engine an empty
+    one; a hand-started `vllm serve` needs one set."""
 
     settings: GpuBlendSettings = GPU_BLEND
     store: ChunkStore | None = None
     fallbacks: int = 0
     failures: int = 0
+
+    def use(self, store: ChunkStore) -> None:
+        """Blend with `store` from now on; the fallback counter's series show on /metrics at 0."""
+        self.store = store
+        fallback_counter()
+
+
+@functools.cache  # one per process: prometheus_client refuses a second metric of the same name
+def fallback_counter():
+    """This process's Prometheus counter of fallbacks, its two series created at 0 (so /metrics
+    shows them from the start); None without prometheus_client. Never raises into vLLM."""
+    try:
+        from prometheus_client import Counter
+
+        counter = Counter(FALLBACKS, "Prompts the fast blend path sent to LMCache's blender", ["reason"])
+        for reason in REASONS:
+            counter.labels(reason=reason)
+        return counter
+    except Exception:  # no prometheus_client, or an unusable PROMETHEUS_MULTIPROC_DIR
+        return None
+
+
+def count_fallback(reason: str) -> None:
+    """One more fallback for `reason` on the Prometheus counter, if there is one."""
+    counter = fallback_counter()
+    if counter is not None:
+        try:
+            counter.labels(reason=reason).inc()
+        except Exception:  # a metrics file that cannot be written must not fail the prompt
+            pass
 
 
 def tp_group():

@@ -2,7 +2,8 @@
 
 A chunk missing from the GPU chunk store is read once from LMCache's host store (all layers) and
 kept, least recently used out first. When a prompt's chunks cannot all fit, or anything here fails,
-that request falls back to LMCache's blender with our fixes (the `fixed` path), logged and counted."""
+that request falls back to LMCache's blender with our fixes (the `fixed` path), logged and counted
+(`FastPath`, and `kvblend_fast_path_fallbacks_total` on vLLM's /metrics)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ...selection import select_tokens
 from ...settings import GPU_BLEND, GpuBlendSettings
 from ..rope import Rerotate
-from . import FastPath, tp_group
+from . import FastPath, count_fallback, tp_group
 from .attention import attend_selected, prefix_split
 from .graphs import GRAPH_MAX_TOKENS, Tail, Tails
 from .masks import exact_causal_mask
@@ -223,8 +224,9 @@ class FastBlender:
 def wrap_blend(original, path: FastPath):
     """Wrap `LMCBlender.blend`: blend in one pass (`FastBlender`) when the GPU chunk store can hold
     the prompt's chunks; else, or if it fails, that prompt alone goes to LMCache's blender with our
-    fixes (each fallback logged with the engine's count). After a failure the next prompt gets a
-    new FastBlender (fresh buffers and graphs): one error, e.g. a transient OOM, costs one prompt."""
+    fixes (each fallback logged with the engine's count, and counted on vLLM's /metrics). After a
+    failure the next prompt gets a new FastBlender (fresh buffers and graphs): one error, e.g. a
+    transient OOM, costs one prompt."""
 
     @functools.wraps(original)
     def blend(self, tokens, mask=None, **kwargs):
@@ -237,12 +239,14 @@ def wrap_blend(original, path: FastPath):
             if fast.blend(tokens, mask, kwargs["kvcaches"], kwargs["slot_mapping"]):
                 return None
             path.fallbacks += 1
+            count_fallback("no_room")
             log.info("fast blend path: no room in the GPU chunk store (or no chunk hit): this prompt goes "
                      "through LMCache's blender (fallback %d of this engine)", path.fallbacks)
         except Exception:
             self._kvblend_fast = None
             path.fallbacks += 1
             path.failures += 1
+            count_fallback("error")
             log.exception("fast blend path failed: this prompt goes through LMCache's blender (with our "
                           "fixes), the next one tries the fast path again (failure %d, fallback %d of this "
                           "engine)", path.failures, path.fallbacks)
