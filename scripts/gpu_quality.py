@@ -15,7 +15,8 @@ for the first token's top-20 logprobs on three prompt sets built from `ffmpeg/qa
 - `reordered`: 8 random chunks in random order (≈ 4-5K tokens), the RAG case.
 
 Scores per prompt set and engine, against the bf16 full prefill: first token equal, and KL over the
-union of both top-20 lists (`metrics.topk_kl`). Writes quality.csv and raw.json into --out.
+union of both top-20 lists (`metrics.topk_kl`). Writes quality.csv and raw.json into --out, and
+metrics.txt: each fast-path engine's fallback counter, read from its /metrics before it stops.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import csv
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -109,6 +111,47 @@ def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
     return out
 
 
+# ------------------------------------------------------------------ the fast path's fallbacks
+FALLBACKS = "kvblend_fast_path_fallbacks_total"  # helpers/gpu/fast: prompts sent to LMCache's blender
+
+
+def fast_fallbacks(metrics_text: str) -> dict | None:
+    """{"no_room": n, "error": n} from a /metrics page; None when it has no fallback counter."""
+    found = {}
+    for line in metrics_text.splitlines():
+        m = re.fullmatch(rf'{FALLBACKS}\{{reason="(\w+)"\}} (\S+)', line.strip())
+        if m:
+            found[m[1]] = float(m[2])
+    return found or None
+
+
+def scrape_fallbacks(engines, out: Path) -> dict:
+    """{engine: fast_fallbacks(its /metrics)} of the fast-path blend engines, None where the counter
+    cannot be read (printed, with why); the counter's lines go to out/metrics.txt. Never raises."""
+    found, lines = {}, []
+    for e in engines:
+        try:
+            if GpuBlendSettings.ENV not in e.env or GpuBlendSettings.from_env(e.env).path != "fast":
+                continue
+            found[e.name] = None
+            import httpx
+
+            r = httpx.get(e.url + "/metrics", timeout=10)
+            r.raise_for_status()
+            text = r.text
+            found[e.name] = fast_fallbacks(text)
+            lines += [f"===== {e.name} =====", *(x for x in text.splitlines() if FALLBACKS in x)]
+            if found[e.name] is None:
+                print(f"{e.name}: no {FALLBACKS} on its /metrics", flush=True)
+        except Exception as err:  # noqa: BLE001 - the engines must still stop
+            print(f"{e.name}: /metrics not read ({type(err).__name__}: {err})", flush=True)
+    try:
+        (out / "metrics.txt").write_text("\n".join(lines) + "\n")
+    except OSError as err:
+        print(f"metrics.txt not written: {err}", flush=True)
+    return found
+
+
 # ------------------------------------------------------------------ the device run
 def first_token(client, url: str, model: str, ids: list[int], extra: dict | None = None) -> dict | None:
     """The greedy first token and its top-20 logprobs (by token id), from /v1/completions."""
@@ -182,6 +225,10 @@ def device(model: str, out: Path, blends=BLENDS, timeout: float = 600, sets=None
         write_csv(out / "quality.csv", rows)
         (out / "raw.json").write_text(json.dumps(raw))
     finally:
+        notes["fast_fallbacks"] = scrape_fallbacks(engines, out)  # before the engines stop
+        for r in rows:  # not a CSV column (write_csv ignores it)
+            if r["engine"] in notes["fast_fallbacks"]:
+                r["fast_fallbacks"] = notes["fast_fallbacks"][r["engine"]]
         for e in engines:
             eng.stop_engine(e)
         with open(out / "logs.txt", "wb") as f:  # one file: the device returns few files

@@ -6,8 +6,8 @@ Needs `KVBLEND_GPU_MODEL`: a folder with real SmolLM2-135M-Instruct weights in b
 `python -m helpers.embedded.model --bf16 DIR` writes it (see docs/gpu.md for carrying it to a GPU
 machine). Starts one full-prefill engine in bf16, one in float32 (the bf16 noise floor) and blend
 engines on one GPU: the default (fast) path at three ratios and the fixed path at 0.15, then scores
-the first token of the QA prompts (about 5 minutes). With `KVBLEND_GPU_OUT=DIR` the scores are also
-written to DIR/quality.csv.
+the first token of the QA prompts (about 5 minutes), and reads each fast-path engine's fallback counter
+from its /metrics. With `KVBLEND_GPU_OUT=DIR` the scores are also written to DIR/quality.csv.
 """
 
 from __future__ import annotations
@@ -100,3 +100,10 @@ def test_fast_path_gives_the_fixed_paths_answers(scores):
     fast, fixed = scores[("fast_0.15", "qa")], scores[("fixed_0.15", "qa")]
     assert fast["first_token_agree"] >= fixed["first_token_agree"] - 1
     assert abs(fast["top20_kl_mean"] - fixed["top20_kl_mean"]) <= floor + 0.005
+
+
+def test_fast_path_fallbacks_reach_metrics(scores):
+    """Each fast-path engine's /metrics (its API server) carries the fallback counter its engine
+    process keeps, and no prompt failed on the fast path."""
+    fast = {r["engine"]: r["fast_fallbacks"] for r in scores.values() if r["blend_path"] == "fast"}
+    assert fast and all(c is not None and c["error"] == 0 for c in fast.values()), fast
