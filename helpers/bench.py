@@ -2,6 +2,8 @@
 
     python -m helpers.bench blend    # in-process: full prefill vs blend vs full reuse, TTFT + fidelity
     python -m helpers.bench engines  # against the running engines on :8000 / :8001, over HTTP
+                                     # (--csv PATH writes the summary; the README's CPU table is
+                                     # checked against docs/benchmarks/cpu_ttft.csv)
     python -m helpers.bench rag      # a RAG trace: QA questions in sequence, each with its own top-k
     python -m helpers.bench load     # both engines under a sweep of request rates (helpers/load.py)
 
@@ -11,10 +13,14 @@ Absolute times depend on the machine; read the ratios.
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from . import corpus
 from .metrics import kl
@@ -125,10 +131,42 @@ def summarize(rows: list[dict]) -> list[dict]:
                                     if r["target_tokens"] == size and r["engine"] == e)
                for e in ("blend", "full")}
         toks = [r["tokens"] for r in rows if r["target_tokens"] == size and r["tokens"]]
-        out.append({"tokens": round(statistics.mean(toks)) if toks else size,
+        out.append({"target_tokens": size, "tokens": round(statistics.mean(toks)) if toks else size,
                     "full_ms": med["full"], "blend_ms": med["blend"],
                     "speedup": med["full"] / med["blend"]})
     return out
+
+
+ENGINES_CSV_FIELDS = ["date", "commit", "card", "model", "target_tokens", "prompt_tokens", "full_ms",
+                      "blend_ms", "speedup", "repeats"]
+
+
+def write_engines_csv(path: Path, summary: list[dict], repeats: int, model: str = "") -> None:
+    """One row per size of `summarize`'s output, with the date, commit and machine it was measured on."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    base = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "card": f"CPU, {os.cpu_count()} cores",
+            "model": model, "repeats": repeats}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ENGINES_CSV_FIELDS)
+        w.writeheader()
+        for r in summary:
+            w.writerow({**base, "target_tokens": r["target_tokens"], "prompt_tokens": r["tokens"],
+                        "full_ms": f"{r['full_ms']:.0f}", "blend_ms": f"{r['blend_ms']:.0f}",
+                        "speedup": f"{r['speedup']:.2f}"})
+
+
+def engines_model() -> str:
+    """The blend engine's model, as /v1/models names it (a path: its last part)."""
+    from . import engines as eng
+    from .client import model_id
+
+    return Path(model_id(eng.find("blend"))).name
 
 
 def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=None, log=print) -> dict:
@@ -170,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default="0.25,0.5,1", help="load: requests per second, comma-separated")
     ap.add_argument("--seconds", type=float, default=10, help="load: how long each rate sends requests")
     ap.add_argument("--ttft-limit", type=float, default=2.0, help="load: the p99 TTFT limit in seconds")
+    ap.add_argument("--csv", type=Path, default=None, help="engines: write the summary rows here")
     return run_cli(ap, argv, bad_arguments, run)
 
 
@@ -232,9 +271,13 @@ def run(args) -> None:
                   (eng.find("blend", args.blend_port), eng.find("full", args.full_port)))
     else:
         rows = sweep_engines(args.sizes, args.repeats)
+        summary = summarize(rows)
         print(f"\n{'tokens':>7} {'full ms':>8} {'blend ms':>9} {'speed-up':>9}")
-        for r in summarize(rows):
+        for r in summary:
             print(f"{r['tokens']:>7} {r['full_ms']:>8.0f} {r['blend_ms']:>9.0f} {r['speedup']:>8.2f}x")
+        if args.csv:
+            write_engines_csv(args.csv, summary, args.repeats, engines_model())
+            print(f"wrote {args.csv}")
 
 
 if __name__ == "__main__":
