@@ -161,12 +161,11 @@ def write_engines_csv(path: Path, summary: list[dict], repeats: int, model: str 
                         "speedup": f"{r['speedup']:.2f}"})
 
 
-def engines_model() -> str:
+def engines_model(blend) -> str:
     """The blend engine's model, as /v1/models names it (a path: its last part)."""
-    from . import engines as eng
     from .client import model_id
 
-    return Path(model_id(eng.find("blend"))).name
+    return Path(model_id(blend)).name
 
 
 def bench_rag(n_questions: int = 20, k: int = 4, max_tokens: int = 16, engines=None, log=print) -> dict:
@@ -203,8 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=20, help="rag: questions in the trace")
     ap.add_argument("-k", type=int, default=4, help="rag: chunks retrieved per question")
     ap.add_argument("--max-tokens", type=int, default=16, help="rag: answer length")
-    ap.add_argument("--blend-port", type=int, default=None, help="rag: the blend engine's port")
-    ap.add_argument("--full-port", type=int, default=None, help="rag: the full engine's port")
+    ap.add_argument("--blend-port", type=int, default=None, help="the blend engine's port")
+    ap.add_argument("--full-port", type=int, default=None, help="the full engine's port")
     ap.add_argument("--rates", default="0.25,0.5,1", help="load: requests per second, comma-separated")
     ap.add_argument("--seconds", type=float, default=10, help="load: how long each rate sends requests")
     ap.add_argument("--ttft-limit", type=float, default=2.0, help="load: the p99 TTFT limit in seconds")
@@ -270,13 +269,16 @@ def run(args) -> None:
         bench_rag(args.questions, args.k, args.max_tokens,
                   (eng.find("blend", args.blend_port), eng.find("full", args.full_port)))
     else:
-        rows = sweep_engines(args.sizes, args.repeats)
+        from . import engines as eng
+
+        found = (eng.find("blend", args.blend_port), eng.find("full", args.full_port))
+        rows = sweep_engines(args.sizes, args.repeats, engines=found)
         summary = summarize(rows)
         print(f"\n{'tokens':>7} {'full ms':>8} {'blend ms':>9} {'speed-up':>9}")
         for r in summary:
             print(f"{r['tokens']:>7} {r['full_ms']:>8.0f} {r['blend_ms']:>9.0f} {r['speedup']:>8.2f}x")
         if args.csv:
-            write_engines_csv(args.csv, summary, args.repeats, engines_model())
+            write_engines_csv(args.csv, summary, args.repeats, engines_model(found[0]))
             print(f"wrote {args.csv}")
 
 

@@ -72,3 +72,21 @@ def test_bench_rag_cli(live_engines, capsys):
     assert f"BM25 recall@2 over the {len(load_qa())} QA questions" in out  # the retriever, every question
     assert "median TTFT ratio" in out
     assert len([ln for ln in out.splitlines() if ln[:3] in ("  1", "  2")]) == 2  # one line per question
+
+
+@pytest.mark.slow
+def test_bench_engines_cli_on_given_ports(live_engines, tmp_path, capsys, monkeypatch):
+    """`bench engines` measures the engines on --blend-port/--full-port (the test's own ports, not
+    :8000/:8001; run from another run dir, so only the ports can find them) and writes its summary row."""
+    import csv
+
+    from helpers import runtime
+
+    monkeypatch.setattr(runtime, "RUN_DIR", tmp_path / "elsewhere")
+    blend, full = live_engines["blend"], live_engines["full"]
+    out = tmp_path / "ttft.csv"
+    assert bench.main(["engines", "--sizes", "256", "--repeats", "1", "--csv", str(out),
+                       "--blend-port", str(blend.port), "--full-port", str(full.port)]) in (0, None)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and float(rows[0]["full_ms"]) > 0 and float(rows[0]["blend_ms"]) > 0, rows
+    assert "speed-up" in capsys.readouterr().out
