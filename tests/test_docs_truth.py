@@ -200,3 +200,57 @@ def test_readme_scale_out_numbers_are_csv_rows():
 def test_scale_out_check_sees_a_stale_number():
     readme = "## Scale out\n| 0.5 | 0.87 s / 6.68 s | 1.85 s / 14.95 s | 0.46 / 0.21 |\n## Layout"
     assert scale_out_tables(readme)[1] == [("0.5", "0.87", "6.68", "1.85", "14.95", "0.46", "0.21")]
+
+
+# ------------------------------------------------------------------ the conformance table
+CONFORMANCE = BENCH / "gpu_conformance.csv"
+PASSED_ON = re.compile(r"conformance-tested on (\w+), (\d{4}-\d\d-\d\d)")
+
+
+def which_models(md: str) -> dict[str, str]:
+    """{checkpoint: status} of docs/gpu.md's 'Which models' table."""
+    return dict(re.findall(r"^\|[^|\n]*\|[^|\n]*\| `(\w+)` \| ([^|\n]*?) \|$", md, re.M))
+
+
+def unbacked_claims(md: str, rows: list[dict]) -> list[str]:
+    """Statuses that say a checkpoint passed on a card and date without its three passed checks of
+    that card and date in the CSV, or that say nothing of a device while the CSV has one's rows."""
+    passed = {(r["architecture"], r["card"], r["date"], r["check"]) for r in rows if r["passed"] == "True"}
+    served = {r["architecture"] for r in rows if r["card"] != "CPU"}
+    bad = []
+    for ckpt, status in which_models(md).items():
+        claim = PASSED_ON.fullmatch(status)
+        checks = ("same_pos", "moved_r0", "moved_r0.15")
+        if claim and not all((ckpt, *claim.groups(), c) in passed for c in checks):
+            bad.append(f"{ckpt}: {status}")
+        if not claim and ckpt in served:
+            bad.append(f"{ckpt}: '{status}' while the CSV has its device rows")
+    return bad
+
+
+def test_which_models_table_is_the_conformance_csv():
+    """Every checkpoint of scripts/tiny_checkpoints.py has a row of docs/gpu.md's 'Which models'
+    table; 'conformance-tested on CARD, DATE' is three passed checks of the CSV; its negative control
+    (Llama-3.1 re-rotated with unscaled frequencies) failed."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tiny_checkpoints
+
+    assert set(which_models(GPU_MD)) == set(tiny_checkpoints.ARCHS), which_models(GPU_MD)
+    rows = list(csv.DictReader(CONFORMANCE.open(newline=""))) if CONFORMANCE.exists() else []
+    assert not unbacked_claims(GPU_MD, rows)
+    negative = [r for r in rows if r["check"].startswith("negative_control")]
+    assert all(r["passed"] == "False" for r in negative) and (negative or not rows), negative
+
+
+def test_conformance_check_sees_an_unbacked_claim():
+    rows = [{"architecture": "qwen3", "card": "H100", "date": "2026-12-08", "check": c, "passed": p}
+            for c, p in (("same_pos", "True"), ("moved_r0", "False"), ("moved_r0.15", "True"))]
+    md = "| Qwen3 (q/k norm) | default | `qwen3` | conformance-tested on H100, 2026-12-08 |\n"
+    assert which_models(md) == {"qwen3": "conformance-tested on H100, 2026-12-08"}
+    assert unbacked_claims(md, rows)  # one check failed
+    rows[1]["passed"] = "True"
+    assert unbacked_claims(md, rows) == []
+    assert unbacked_claims(md.replace("12-08", "12-07"), rows)  # another run's date
+    assert unbacked_claims("| Qwen3 | default | `qwen3` | CPU reference; not yet served on a GPU |\n", rows)
