@@ -123,3 +123,7 @@ def test_a_replica_killed_under_load_is_routed_around(cluster):
     late = [status for status, _, sent in results if sent >= 6.0]  # after the router's health checks
     assert late and all(s == 200 for s in late), results
     assert sum(s == 200 for s, _, _ in results) >= len(results) - 2, results
+    # the control: asked directly, the killed replica answers nothing, so the late 200s above are the
+    # router's doing (sending to the survivor), not a replica that outlived its kill
+    with pytest.raises(httpx.ConnectError):
+        ask(cluster["blend-2"], SHARED[:1])
