@@ -493,5 +493,11 @@ def test_device_step_script_parses_and_names_its_steps(tmp_path):
         bad = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
                              env={**os.environ, "OUT": str(tmp_path)})
         assert bad.returncode == 2 and bad.stderr  # an unknown step: refused, saying why
-    for name in re.findall(r"scripts/(\w+\.(?:py|sh))", script.read_text()):  # what it runs exists
+    text = script.read_text()
+    for name in re.findall(r"scripts/(\w+\.(?:py|sh))", text):  # what it runs exists
         assert (runtime.ROOT / "scripts" / name).is_file(), name
+    for name in re.findall(r"\b(tests/gpu/\w+\.py)", text):
+        assert (runtime.ROOT / name).is_file(), name
+    accepted = set(re.search(r"^\s*(unpack \|[^)]*)\)", text, re.M)[1].replace(" ", "").split("|"))
+    named = set(re.findall(r"device_step\.sh (\w+)", text))  # every step its header tells
+    assert named and named <= accepted, named - accepted

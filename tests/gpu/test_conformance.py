@@ -4,7 +4,7 @@ and compared with the CPU float32 reference on the same ids (scripts/gpu_conform
 with the reason, without a GPU, vLLM or LMCache. Needs no weights: the checkpoints are written here.
 
 Seven checkpoints, two blend engines each (ratio 0 at check layer 0, ratio 0.15), four checkpoints'
-engines starting together: about 5-7 minutes on one H100. With `KVBLEND_GPU_OUT=DIR` the rows go to
+engines starting together (estimated at 5-7 minutes on one H100, not yet timed). With `KVBLEND_GPU_OUT=DIR` the rows go to
 DIR/conformance/conformance.csv (docs/benchmarks/gpu_conformance.csv holds the published ones).
 """
 
