@@ -5,7 +5,8 @@ with the reason, without a GPU, vLLM or LMCache. Needs no weights: the checkpoin
 
 Seven checkpoints, two blend engines each (ratio 0 at check layer 0, ratio 0.15), four checkpoints'
 engines starting together (estimated at 5-7 minutes on one H100, not yet timed). With
-`KVBLEND_GPU_OUT=DIR` the rows go to DIR/conformance/conformance.csv (docs/benchmarks/gpu_conformance.csv holds the published ones).
+`KVBLEND_GPU_OUT=DIR` the rows go to DIR/conformance/conformance.csv
+(docs/benchmarks/gpu_conformance.csv holds the published ones).
 """
 
 from __future__ import annotations
