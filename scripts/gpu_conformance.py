@@ -35,8 +35,9 @@ import tiny_checkpoints as tc  # noqa: E402
 
 from helpers.settings import GpuBlendSettings  # noqa: E402
 
-FIELDS = ["date", "card", "architecture", "rope_type", "check", "prompts", "max_tokens", "top20_kl",
-          "first_token_agree", "floor", "threshold", "passed", "engine"]
+# docs/benchmarks/gpu_conformance.csv's columns; run_id and commit are filled in when a run is published
+FIELDS = ["date", "run_id", "commit", "card", "architecture", "rope_type", "check", "prompts", "max_tokens",
+          "top20_kl", "first_token_agree", "floor", "threshold", "passed", "engine"]
 WAVE = int(os.environ.get("KVBLEND_CONFORMANCE_WAVE", "4"))
 MAX_MODEL_LEN = 16384
 ENGINES = {"r0.15": (0.15, 1), "r0": None}  # name -> (ratio, check layer); r0 from CHECKS

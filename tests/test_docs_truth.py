@@ -75,6 +75,10 @@ def test_csvs_name_their_runs():
             assert re.fullmatch(r"[0-9a-f]{7,40}", r["commit"]) and r["card"] and r["setup"], r
             assert r["blend_path"] in BLEND_PATHS + ("",), r
     assert all(r["blend_path"] in BLEND_PATHS for r in TTFT)
+    conformance = BENCH / "gpu_conformance.csv"
+    for r in csv.DictReader(conformance.open(newline="")) if conformance.exists() else []:
+        assert r["run_id"] in runs and r["run_id"].startswith(r["date"]), r
+        assert re.fullmatch(r"[0-9a-f]{7,40}", r["commit"]) and r["card"], r
     for run in runs:  # every run folder has a README from the template
         text = (BENCH / "runs" / run / "README.md").read_text()
         for field in ("| date |", "| card |", "| commit |", "| command |", "| measures |", "| backs |"):
