@@ -8,6 +8,7 @@ re-rotated with unscaled frequencies (LMCache's fused_rotary_emb) must fail, far
 floor. The GPU side of the same checks: tests/gpu/test_conformance.py."""
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from helpers import conformance as cf
 from helpers.gpu import rope
 from helpers.metrics import topk_kl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_checkpoints as tc  # noqa: E402
 
 SHIFTS = (4000, 16000)
@@ -131,6 +133,7 @@ def test_negative_control_unscaled_rope_fails_on_llama31(llama31, checkpoints):
     floor = topk_kl(cf.top_logprobs(ref.full(p.ids))["top"],
                     cf.top_logprobs(cf.Reference(checkpoints / "llama31", torch.bfloat16).full(p.ids))["top"])
     ratio, layer = cf.CHECKS["moved_r0"]
+    wrong_kl = {}
     for shift in (0, *SHIFTS):
         exact = cf.top_logprobs(ref.blend(p.ids, ratio, layer, shift))
         served = cf.top_logprobs(ref.blend(p.ids, ratio, layer, shift, rerotate=right))
@@ -141,6 +144,26 @@ def test_negative_control_unscaled_rope_fails_on_llama31(llama31, checkpoints):
               f"{kl_served:.6f}, unscaled {kl_wrong:.4f} (first token {same}); bf16 floor {floor:.5f}")
         assert kl_served < max(floor, 1e-4)
         assert kl_wrong > 20 * floor and kl_wrong > 0.05  # it must fail, and does
+        wrong_kl[shift] = kl_wrong
+    quoted = negative_control_quoted((ROOT / "docs" / "gpu.md").read_text())
+    measured = (f"{wrong_kl[0]:.2f}", f"{wrong_kl[4000]:.2f}", f"{wrong_kl[16000]:.2f}", f"{floor:.4f}")
+    assert quoted == measured, f"docs/gpu.md quotes {quoted}, this measures {measured}"
+
+
+def negative_control_quoted(md: str) -> tuple[str, ...] | None:
+    """docs/gpu.md's figures of this negative control: KL at ratio 0 unmoved, moved by 4K and by 16K
+    tokens, and the bf16 floor."""
+    m = re.search(r"negative control, is at top-20 KL (\d\.\d\d) at ratio 0 \((\d\.\d\d) moved by 4K tokens,"
+                  r"\s+(\d\.\d\d) by 16K\) against a bf16 floor of (\d\.\d{4})", md)
+    return m and m.groups()
+
+
+def test_negative_control_quote_is_found_and_a_changed_one_differs():
+    md = ("(LMCache's way), the negative control, is at top-20 KL 0.18 at ratio 0 (0.61 moved by 4K tokens,\n"
+          "0.92 by 16K) against a bf16 floor of 0.0018.")
+    assert negative_control_quoted(md) == ("0.18", "0.61", "0.92", "0.0018")
+    assert negative_control_quoted(md.replace("0.61", "0.62")) != ("0.18", "0.61", "0.92", "0.0018")
+    assert negative_control_quoted("no such sentence") is None
 
 
 @pytest.mark.slow
