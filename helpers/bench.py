@@ -141,15 +141,19 @@ ENGINES_CSV_FIELDS = ["date", "commit", "card", "model", "target_tokens", "promp
                       "blend_ms", "speedup", "repeats"]
 
 
-def write_engines_csv(path: Path, summary: list[dict], repeats: int, model: str = "") -> None:
-    """One row per size of `summarize`'s output, with the date, commit and machine it was measured on."""
+def git_commit() -> str:
+    """The checkout's short commit, for a CSV row ("" outside a git checkout)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    base = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "card": f"CPU, {os.cpu_count()} cores",
+        return ""
+
+
+def write_engines_csv(path: Path, summary: list[dict], repeats: int, model: str = "") -> None:
+    """One row per size of `summarize`'s output, with the date, commit and machine it was measured on."""
+    base = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "card": f"CPU, {os.cpu_count()} cores",
             "model": model, "repeats": repeats}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from helpers import metrics  # noqa: E402 (torch-free)
+from helpers.gpu import fast  # noqa: E402 (torch-free: the counter's name)
 from helpers.settings import GpuBlendSettings  # noqa: E402
 
 RATIOS = (0.05, 0.15, 0.3, 1.0)
@@ -112,7 +113,7 @@ def summarize(answers: dict[str, list[dict]], ref: str) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------ the fast path's fallbacks
-FALLBACKS = "kvblend_fast_path_fallbacks_total"  # helpers/gpu/fast: prompts sent to LMCache's blender
+FALLBACKS = fast.FALLBACKS + "_total"  # as /metrics serves the fast path's counter
 
 
 def fast_fallbacks(metrics_text: str) -> dict | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ os.environ["KVBLEND_RUN_DIR"] = tempfile.mkdtemp(prefix="kvblend-scale-")
 
 import httpx  # noqa: E402
 
-from helpers import corpus, engines, library, load, runtime  # noqa: E402
+from helpers import bench, corpus, engines, library, load, runtime  # noqa: E402
 from helpers.prompts import build_messages  # noqa: E402
 
 
@@ -80,9 +79,7 @@ CSV_FIELDS = ["date", "commit", "card", "setup", "measure", "engine", "rate", "s
 def write_csv(path: Path, warm: dict, route: dict, load_rows: list[dict]) -> None:
     """Every number of the run, one row each: the corpus warm-up per replica, the routing counts,
     the load sweep per engine and rate."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    base = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "card": "CPU",
+    base = {"date": time.strftime("%Y-%m-%d"), "commit": bench.git_commit(), "card": "CPU",
             "setup": f"{os.cpu_count()} cores, 2 blend + 2 full replicas behind cache_aware routers"}
     rows = [{**base, "measure": "warm", "engine": name, "seconds": round(w["seconds"], 1),
              "computed": w["computed"]} for name, w in warm.items()]
