@@ -101,13 +101,10 @@ def smollm2_dir() -> Path:
 
 def build(arch: str, seed: int = 0):
     """The model (float32, eval) of `arch`, deterministic for a seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model_type, architecture, extra, _ = ARCHS.get(arch) or REFUSED[arch]
-    config = AutoConfig.for_model(model_type, **COMMON, **extra)
-    config.architectures = [architecture]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config_of(arch), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -120,6 +117,38 @@ def build(arch: str, seed: int = 0):
     return model.eval()
 
 
+def config_of(arch: str):
+    """The transformers config of `arch` (no weights)."""
+    from transformers import AutoConfig
+
+    model_type, architecture, extra, _ = ARCHS.get(arch) or REFUSED[arch]
+    config = AutoConfig.for_model(model_type, **COMMON, **extra)
+    config.architectures = [architecture]
+    return config
+
+
+def rotary_of(arch: str):
+    """(config, transformers' rotary embedding of `arch`): the RoPE the CPU reference rotates with."""
+    import importlib
+
+    config = config_of(arch)
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    return config, cls(config)
+
+
+def write_config(config, out: Path) -> None:
+    """out/config.json of a checkpoint, as the checkpoints of its family spell it."""
+    config.save_pretrained(out)
+    data = json.loads((out / "config.json").read_text())
+    rope = dict(data["rope_parameters"])
+    # older readers (vLLM's own config parsing, transformers 4) look for these at the top level
+    data.update(torch_dtype="bfloat16", dtype="bfloat16", rope_theta=rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        data["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
 def write(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     """Write checkpoint `arch` into out_dir/arch (config.json, model.safetensors in bf16, SmolLM2's
     tokenizer) and return that folder. The same seed writes the same bytes."""
@@ -128,14 +157,7 @@ def write(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     out = Path(out_dir) / arch
     out.mkdir(parents=True, exist_ok=True)
     model = build(arch, seed)
-    model.config.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    rope = dict(config.get("rope_parameters") or rope_of(arch))
-    # older readers (vLLM's own config parsing, transformers 4) look for these at the top level
-    config.update(torch_dtype="bfloat16", dtype="bfloat16", rope_theta=rope["rope_theta"])
-    if rope.get("rope_type", "default") != "default":
-        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_config(model.config, out)
     save_checkpoint(model, out / "model.safetensors", torch.bfloat16)
     src = smollm2_dir()
     for name in TOKENIZER_FILES:

@@ -7,14 +7,12 @@ model's RoPE does, at 4K and 16K tokens too. The NEGATIVE CONTROL: the Llama-3.1
 re-rotated with unscaled frequencies (LMCache's fused_rotary_emb) must fail, far above the bf16
 floor. The GPU side of the same checks: tests/gpu/test_conformance.py."""
 
-import importlib
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from helpers import conformance as cf
 from helpers.gpu import rope
@@ -28,20 +26,11 @@ SHIFTS = (4000, 16000)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def hf_rotary(arch: str):
-    """transformers' rotary embedding of a checkpoint, from its config alone (no weights)."""
-    model_type, _, extra, _ = tc.ARCHS.get(arch) or tc.REFUSED[arch]
-    config = AutoConfig.for_model(model_type, **tc.COMMON, **extra)
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    return config, cls(config)
-
-
 @pytest.mark.parametrize("arch", list(tc.ARCHS))
 def test_gpu_rerotation_matches_each_checkpoints_rope(arch):
     """Every accepted checkpoint: check_rope passes it, and the GPU path's re-rotation with a
     vLLM-style cache of its RoPE moves K by 4K and 16K exactly as its own rotary embedding places it."""
-    config, emb = hf_rotary(arch)
+    config, emb = tc.rotary_of(arch)
     assert rope.check_rope(config) == tc.rope_of(arch)["rope_type"]
     d = config.head_dim
     cos, sin = emb(torch.empty(0), torch.arange(40000)[None])
@@ -63,7 +52,7 @@ def test_gpu_rerotation_matches_each_checkpoints_rope(arch):
 
 @pytest.mark.parametrize("arch", list(tc.REFUSED))
 def test_refused_checkpoints_are_named(arch):
-    config, _ = hf_rotary(arch)
+    config, _ = tc.rotary_of(arch)
     with pytest.raises(rope.UnsupportedRope, match=tc.rope_of(arch)["rope_type"]):
         rope.check_rope(config)
 

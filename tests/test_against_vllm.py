@@ -1,0 +1,215 @@
+"""Our GPU code against vLLM's own, on the CPU: scripts/vllm_export.py builds what vLLM 0.26 builds
+(vLLM's Python code from scripts/vllm_python.py; no kernel runs) and saves it.
+
+Rotary embeddings. The CPU conformance suite (tests/test_conformance.py) stands transformers' rotary
+embedding in for vLLM's; here that stand-in is checked: vLLM rotates Q and K exactly as transformers
+does for every accepted checkpoint, the GPU path's re-rotation with vLLM's own cache moves K exactly,
+and LMCache's own re-rotation cache (the negative control) moves it wrong for every scaled RoPE and
+right for the plain ones.
+
+Config names. The plugin's load-time checks read vLLM's config with getattr and defaults (so that a
+partial config cannot crash an engine); a name vLLM does not have would silently read the default.
+Every name they read is one of vLLM's."""
+
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import conformance as cf
+from helpers.gpu import rope
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import tiny_checkpoints as tc  # noqa: E402
+import vllm_python  # noqa: E402
+
+SCALED = [a for a in tc.ARCHS if tc.rope_of(a)["rope_type"] != "default"]
+
+
+@pytest.fixture(scope="module")
+def vllm_rows(tmp_path_factory):
+    """What scripts/vllm_export.py saves, run in its own process (vLLM never enters this one)."""
+    if importlib.util.find_spec("vllm") is None:  # a GPU install has it in the venv
+        vllm_python.install()
+    out = tmp_path_factory.mktemp("vllm") / "export.pt"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_export.py"), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)
+    saved = torch.load(out)
+    assert saved["vllm"] == "0.26.0"
+    return saved
+
+
+def full(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A cache saved at `positions` as one indexable by position, NaN where nothing was saved (a
+    position outside them turns everything it touches into NaN, and the check fails)."""
+    out = torch.full((int(positions.max()) + 1, cache.shape[1]), float("nan"))
+    out[positions] = cache
+    return out
+
+
+def hf_cache(arch: str, positions: torch.Tensor) -> torch.Tensor:
+    """transformers' cos|sin of the checkpoint at positions, vLLM's layout [n, head_dim]."""
+    config, emb = tc.rotary_of(arch)
+    cos, sin = emb(torch.empty(0), positions[None])
+    half = config.head_dim // 2
+    return torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1)
+
+
+def moved_k(arch: str, cache: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 keys rotated by transformers at 0..31, turned by `cache` (rope.rerotate_torch, the GPU
+    path's op) to shift..shift+31; and the same keys rotated there by transformers."""
+    config, emb = tc.rotary_of(arch)
+    d = config.head_dim
+    torch.manual_seed(0)
+    k = torch.randn(32, 2, d)
+
+    def at(pos):
+        cos, sin = emb(torch.empty(0), pos[None])
+        half = torch.cat([-k[..., d // 2:], k[..., : d // 2]], dim=-1)
+        return k * cos[0][:, None] + half * sin[0][:, None]
+
+    old = torch.arange(32)
+    turned = at(old)
+    rope.rerotate_torch(old, old + shift, turned, d, cache, True)
+    return turned, at(old + shift)
+
+
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_vllm_builds_a_rotary_our_code_accepts(vllm_rows, arch):
+    """vLLM's class is one rope.rotation_cache takes; check_rope reads vLLM's config as the
+    checkpoint's rope type; the layer served in bf16 gives the same float32 rotation."""
+    r = vllm_rows["rows"][arch]
+    assert r["cls"] in rope.SUPPORTED_CLASSES
+    assert r["check_rope"] == tc.rope_of(arch)["rope_type"]
+    assert isinstance(r["rotation"], torch.Tensor) and r["bf16_gap"] == 0.0
+
+
+@pytest.mark.parametrize("arch", list(tc.REFUSED))
+def test_a_refused_rope_is_refused_on_vllms_objects(vllm_rows, arch):
+    r = vllm_rows["rows"][arch]
+    kind = tc.rope_of(arch)["rope_type"]
+    assert r["check_rope"].startswith(f"refused: rope_type '{kind}'")
+    assert r["rotation"].startswith("refused:") and r["cls"] in r["rotation"]
+
+
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_vllm_rotates_as_the_reference_does(vllm_rows, arch):
+    """The cos|sin vLLM rotates Q and K with is transformers' (YaRN's attention factor included):
+    what lets the CPU reference stand for the served model."""
+    served = vllm_rows["rows"][arch]["served"]
+    torch.testing.assert_close(served, hf_cache(arch, vllm_rows["positions"]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+@pytest.mark.parametrize("shift", [4000, 16000])
+def test_rerotation_with_vllms_cache_moves_k_exactly(vllm_rows, arch, shift):
+    cache = full(vllm_rows["rows"][arch]["rotation"], vllm_rows["positions"])
+    turned, right = moved_k(arch, cache, shift)
+    torch.testing.assert_close(turned, right, atol=3e-4, rtol=3e-4)
+
+
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_negative_control_lmcaches_cache_is_wrong_for_every_scaled_rope(vllm_rows, arch):
+    """LMCache's own re-rotation (rope_theta alone) moves K by 4K tokens far off for llama3, linear and
+    YaRN, and exactly for a plain RoPE: the check above sees the error it guards against."""
+    cache = full(vllm_rows["rows"][arch]["lmcache"], vllm_rows["positions"])
+    turned, right = moved_k(arch, cache, 4000)
+    err = float((turned - right).abs().max())
+    print(f"{arch}: LMCache's re-rotation by 4K tokens, max |K error| {err:.3f}")
+    if arch in SCALED:
+        assert err > 1.0
+    else:
+        torch.testing.assert_close(turned, right, atol=3e-4, rtol=3e-4)
+
+
+def test_yarn_lmcache_cache_ends_at_the_original_context(vllm_rows):
+    """For YaRN LMCache's cache holds only original_max_position_embeddings positions: a chunk moved
+    past them is turned with rows its kernel reads out of bounds."""
+    assert vllm_rows["rows"]["qwen2_yarn"]["lmcache_rows"] == tc.rope_of("qwen2_yarn")[
+        "original_max_position_embeddings"]
+
+
+def test_the_suites_unscaled_cache_is_lmcaches(vllm_rows):
+    """tests/test_conformance.py's negative control (cf.unscaled_cache, the figures docs/gpu.md quotes)
+    turns keys with LMCache's own cache, up to float32's rounding of angles of 17K radians (vLLM
+    computes them in float32, the suite in float64)."""
+    p = tc.rope_of("llama31")
+    positions = vllm_rows["positions"]
+    ours = cf.unscaled_cache(p["rope_theta"], tc.COMMON["head_dim"], int(positions.max()) + 1)[positions]
+    torch.testing.assert_close(ours, vllm_rows["rows"]["llama31"]["lmcache"], atol=2e-3, rtol=0)
+
+
+# ------------------------------------------------------------------ the config names the plugin reads
+class Seen:
+    """A config that records every attribute path read from it, present or not (getattr with a
+    default reads a missing one as the default, silently)."""
+
+    def __init__(self, obj, path=(), log=None):
+        self._obj, self._path, self._log = obj, path, set() if log is None else log
+
+    def __getattr__(self, name):
+        self._log.add(self._path + (name,))
+        value = getattr(self._obj, name)
+        if isinstance(value, types.SimpleNamespace):
+            return Seen(value, self._path + (name,), self._log)
+        return value
+
+
+def served_config() -> types.SimpleNamespace:
+    """vLLM's config as our launcher starts a blend engine (what the checks pass)."""
+    ns = types.SimpleNamespace
+    return ns(parallel_config=ns(tensor_parallel_size=1, pipeline_parallel_size=1),
+              model_config=ns(enforce_eager=True, max_model_len=4096, dtype=torch.bfloat16,
+                              hf_config={"rope_theta": 10000.0}),
+              cache_config=ns(enable_prefix_caching=False, gpu_memory_utilization=0.5),
+              scheduler_config=ns(max_num_batched_tokens=4096),
+              kv_transfer_config=ns(kv_connector_extra_config={}))
+
+
+def names_read(config) -> set[tuple[str, ...]]:
+    """The attribute paths of vLLM's config the load checks and the chunk store's dtype read."""
+    from helpers.gpu import plugin
+    from helpers.gpu.fast import store
+
+    seen = Seen(config)
+    plugin.run_load_checks(seen)
+    store.model_dtype(seen)
+    return seen._log
+
+
+def unknown_to_vllm(paths, fields: dict[str, list[str]]) -> list[str]:
+    """The paths (config.section.name) that vLLM's VllmConfig does not have."""
+    out = []
+    for path in paths:
+        section, name = (path[0], path[1]) if len(path) == 2 else ("", path[0])
+        if section not in fields or name not in fields[section]:
+            out.append(".".join(path))
+    return sorted(out)
+
+
+def test_the_load_checks_read_only_vllms_config_names(vllm_rows):
+    paths = names_read(served_config())
+    print(sorted(".".join(p) for p in paths))
+    assert {("model_config", "hf_config"), ("cache_config", "enable_prefix_caching"),
+            ("parallel_config", "tensor_parallel_size"), ("model_config", "dtype")} <= paths
+    assert unknown_to_vllm(paths, vllm_rows["config_fields"]) == []
+
+
+def test_a_misspelt_config_name_is_caught(vllm_rows, monkeypatch):
+    """The negative control: a check reading a name vLLM does not have is found."""
+    from helpers.gpu import plugin
+
+    def misspelt(config):
+        getattr(config.cache_config, "enable_prefix_cache", False)
+        return []
+
+    monkeypatch.setattr(plugin, "LOAD_CHECKS", [*plugin.LOAD_CHECKS, misspelt])
+    paths = names_read(served_config())
+    assert unknown_to_vllm(paths, vllm_rows["config_fields"]) == ["cache_config.enable_prefix_cache"]
