@@ -167,7 +167,7 @@ def served_config() -> types.SimpleNamespace:
     ns = types.SimpleNamespace
     return ns(parallel_config=ns(tensor_parallel_size=1, pipeline_parallel_size=1),
               model_config=ns(enforce_eager=True, max_model_len=4096, dtype=torch.bfloat16,
-                              hf_config={"rope_theta": 10000.0}),
+                              hf_config={"rope_theta": 10000.0}, architecture="LlamaForCausalLM"),
               cache_config=ns(enable_prefix_caching=False, gpu_memory_utilization=0.5),
               scheduler_config=ns(max_num_batched_tokens=4096),
               kv_transfer_config=ns(kv_connector_extra_config={}))
@@ -197,8 +197,8 @@ def unknown_to_vllm(paths, fields: dict[str, list[str]]) -> list[str]:
 def test_the_load_checks_read_only_vllms_config_names(vllm_rows):
     paths = names_read(served_config())
     print(sorted(".".join(p) for p in paths))
-    assert {("model_config", "hf_config"), ("cache_config", "enable_prefix_caching"),
-            ("parallel_config", "tensor_parallel_size"), ("model_config", "dtype")} <= paths
+    assert {("model_config", "hf_config"), ("model_config", "architecture"), ("model_config", "dtype"),
+            ("cache_config", "enable_prefix_caching"), ("parallel_config", "tensor_parallel_size")} <= paths
     assert unknown_to_vllm(paths, vllm_rows["config_fields"]) == []
 
 

@@ -197,12 +197,14 @@ def test_blending_enabled(tmp_path):
     assert vp.blending_enabled({"LMCACHE_ENABLE_BLENDING": "True"})
 
 
-def vllm_config(tp=1, pp=1, prefix_caching=False, eager=True, budget=4096, context=4096, rope=None):
+def vllm_config(tp=1, pp=1, prefix_caching=False, eager=True, budget=4096, context=4096, rope=None,
+                arch="LlamaForCausalLM"):
     """vLLM's config as the worker holds it (`Worker.vllm_config`), as our launcher starts it."""
     ns = types.SimpleNamespace
     hf = {"rope_theta": 10000.0, **({"rope_scaling": rope} if rope else {})}
     return ns(parallel_config=ns(tensor_parallel_size=tp, pipeline_parallel_size=pp),
-              model_config=ns(enforce_eager=eager, max_model_len=context, dtype=torch.bfloat16, hf_config=hf),
+              model_config=ns(enforce_eager=eager, max_model_len=context, dtype=torch.bfloat16, hf_config=hf,
+                              architecture=arch),
               cache_config=ns(enable_prefix_caching=prefix_caching),
               scheduler_config=ns(max_num_batched_tokens=budget))
 
@@ -438,6 +440,29 @@ def test_a_rope_blending_cannot_move_is_refused_at_load(fake_stack, tmp_path, mo
         assert fake_stack.registered == []
     else:
         fake_stack.Worker(vllm_config(rope=rope)).load_model()
+        assert fake_stack.registered == [("vllm-instance", "the-model")]
+
+
+@pytest.mark.parametrize("arch, refused", [
+    ("LlamaForCausalLM", None), ("Qwen2ForCausalLM", None), ("Qwen3ForCausalLM", None),
+    ("MistralForCausalLM", "pass --hf-overrides '{\"architectures\": \\[\"LlamaForCausalLM\"\\]}'"),
+    ("GemmaForCausalLM", "as GemmaForCausalLM; LMCache's blender computes only LlamaForCausalLM, "
+                         "Qwen2ForCausalLM, Qwen3ForCausalLM"),
+])
+def test_a_model_class_lmcache_cannot_blend_is_refused_at_load(fake_stack, tmp_path, monkeypatch, arch,
+                                                               refused):
+    """A hand-started `vllm serve` of a Mistral checkpoint gets vLLM's MistralForCausalLM, which
+    LMCache's blender looks up by name and has no model for: refused at load with the flag that
+    serves it as Llama (the launcher passes it); a class LMCache cannot compute is named."""
+    blend_on(tmp_path, monkeypatch)
+    use(monkeypatch, path="fixed")
+    vp.register()
+    if refused:
+        with pytest.raises(vp.BlendRefused, match=refused):
+            fake_stack.Worker(vllm_config(arch=arch)).load_model()
+        assert fake_stack.registered == []
+    else:
+        fake_stack.Worker(vllm_config(arch=arch)).load_model()
         assert fake_stack.registered == [("vllm-instance", "the-model")]
 
 

@@ -107,6 +107,26 @@ def check_rope_at_load(config) -> list[str]:
     return []
 
 
+def check_architecture(config) -> list[str]:
+    """Refuse a model class LMCache's blender has no layer-wise model for: it looks the class vLLM
+    built up by name, and would stop the engine with `NotImplementedError` once its blender is built.
+    vLLM builds Mistral checkpoints as its own MistralForCausalLM, whose layers are Llama's: say how
+    to serve them as Llama (what the launcher does)."""
+    from .launch import SUPPORTED_ARCHS
+
+    arch = getattr(config.model_config, "architecture", None)  # the one vLLM serves
+    if arch is None or (arch in SUPPORTED_ARCHS and SUPPORTED_ARCHS[arch] is None):
+        return []
+    computed = ", ".join(a for a, served_as in SUPPORTED_ARCHS.items() if served_as is None)
+    if arch in SUPPORTED_ARCHS:
+        served_as = SUPPORTED_ARCHS[arch]
+        raise BlendRefused(f"kvblend: vLLM serves this model as {arch}, which LMCache's blender has no "
+                           f"model for; its layers are {served_as}'s: pass --hf-overrides "
+                           f"'{{\"architectures\": [\"{served_as}\"]}}' to serve it as that.")
+    raise BlendRefused(f"kvblend: vLLM serves this model as {arch}; LMCache's blender computes only "
+                       f"{computed}. Serve this model without blending.")
+
+
 def check_parallelism(config) -> list[str]:
     """Refuse tensor and pipeline parallelism. Selection is made to agree across tensor-parallel
     ranks (the deviation is all-reduced before top-k), but no multi-GPU engine has blended yet;
@@ -156,7 +176,8 @@ def check_serving_settings(config) -> list[str]:
     return []
 
 
-LOAD_CHECKS: list[Callable] = [check_rope_at_load, check_parallelism, check_serving_settings]
+LOAD_CHECKS: list[Callable] = [check_architecture, check_rope_at_load, check_parallelism,
+                               check_serving_settings]
 
 
 def run_load_checks(config) -> None:
