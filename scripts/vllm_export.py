@@ -19,11 +19,20 @@ from 4K and 16K on, where the tests move chunks to.
 Config fields: the attribute names of vLLM's VllmConfig ("") and of each of its sub-configs
 ("model_config", ...), which the plugin's load-time checks read.
 
+Commands: `vllm serve` command lines (our launcher's, docs/gpu.md's by-hand one, vLLM's defaults and
+a few a user may type; COMMANDS) parsed by vLLM's own `serve` parser into the VllmConfig a worker
+gets, and the plugin's load-time checks run on it: per command "ok", "refused: <why>" or
+"error: <what vLLM said>", and the architecture vLLM serves. vLLM's CPU platform stands in for CUDA:
+its defaults for what the checks read (prefix caching on, CUDA graphs on, a token budget below the
+context) are CUDA's.
+
     python scripts/vllm_export.py OUT.pt     # needs vllm importable (scripts/vllm_python.py)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -105,6 +114,86 @@ def config_fields() -> dict[str, list[str]]:
     return out
 
 
+def docs_command(model: str, max_model_len: int) -> list[str]:
+    """docs/gpu.md's "Starting the blend engine by hand" command, for `model`."""
+    import re
+    import shlex
+
+    md = (ROOT / "docs" / "gpu.md").read_text()
+    block = md.split("**Starting the blend engine by hand.**", 1)[1].split("```", 2)[1]
+    line = re.sub(r"\\\n\s*", " ", block).strip()
+    return [model if w == "MODEL" else str(max_model_len) if w == "N" else w for w in shlex.split(line)]
+
+
+def commands(folder: Path) -> dict[str, list[str]]:
+    """{case: a `vllm serve` command line} over the tiny checkpoints' configs."""
+    import tiny_checkpoints as tc
+
+    from helpers.gpu import launch
+
+    paths = {}
+    for arch in (*tc.ARCHS, *tc.REFUSED):
+        paths[arch] = folder / arch
+        paths[arch].mkdir(parents=True, exist_ok=True)
+        tc.write_config(tc.config_of(arch), paths[arch])
+
+    def ours(arch, blend=True, architecture="served", extra=()):
+        if architecture == "served":
+            config = json.loads((paths[arch] / "config.json").read_text())
+            architecture = launch.served_architecture(config, arch)
+        return launch.vllm_command(str(paths[arch]), 8000, "127.0.0.1", blend=blend, max_model_len=32768,
+                                   gpu_memory_utilization=0.9, architecture=architecture, extra_args=extra)
+
+    cases = {f"launcher {arch}": ours(arch) for arch in tc.ARCHS}
+    cases |= {
+        "launcher full engine": ours("llama31", blend=False),
+        "docs by hand": docs_command(str(paths["llama31"]), 32768),
+        "vllm serve defaults": ["vllm", "serve", str(paths["llama31"]), "--kv-transfer-config",
+                                '{"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}'],
+        "mistral without the override": ours("mistral", architecture=None),
+        "tensor parallel 2": ours("llama31", extra=("--tensor-parallel-size", "2")),
+        "dynamic rope": ours("llama_dynamic", architecture=None),
+    }
+    return cases
+
+
+def engine_config(argv: list[str]):
+    """The VllmConfig `vllm serve` builds from argv (from `serve MODEL ...` on)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    rest = argv[argv.index("serve") + 1:]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", rest[0], *rest[1:]])  # model_tag
+    validate_parsed_serve_args(args)
+    return EngineArgs.from_cli_args(args).create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+
+
+def checked_commands(folder: Path) -> dict[str, dict]:
+    """{case: {"argv", "result", "architecture"}}: each command's config and the plugin's verdict."""
+    import vllm.platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    from helpers.gpu import plugin
+
+    vllm.platforms._current_platform = CpuPlatform()  # no GPU here: CUDA's defaults, CPU's device
+    out = {}
+    for case, argv in commands(folder).items():
+        row = {"argv": argv, "architecture": None}
+        try:
+            config = engine_config(argv)
+            row["architecture"] = config.model_config.architecture
+            plugin.run_load_checks(config)
+            row["result"] = "ok"
+        except plugin.BlendRefused as e:
+            row["result"] = f"refused: {e}"
+        except Exception as e:  # what vLLM itself says of the command line
+            row["result"] = f"error: {type(e).__name__}: {e}"
+        out[case] = row
+    return out
+
+
 def main(path: str) -> None:
     import tiny_checkpoints as tc
 
@@ -114,19 +203,28 @@ def main(path: str) -> None:
         from vllm_python import TARGET
 
         sys.path.append(str(TARGET))  # after the venv's own packages
+        # vLLM inspects model classes in a subprocess: it must find vllm too
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(TARGET)]))
+    cache = tempfile.TemporaryDirectory()  # vLLM's own cache (model inspections): none from earlier runs
+    os.environ["VLLM_CACHE_ROOT"] = cache.name
+    os.environ["HF_HUB_OFFLINE"] = "1"
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
 
     # vLLM's layers are built under a config (its CustomOp reads the compilation settings)
     with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))), \
             tempfile.TemporaryDirectory() as tmp:
         rows = {arch: export(arch, Path(tmp)) for arch in (*tc.ARCHS, *tc.REFUSED)}
+    with tempfile.TemporaryDirectory() as tmp:
+        checked = checked_commands(Path(tmp))
     import vllm
 
     torch.save({"vllm": vllm.__version__, "positions": POSITIONS, "rows": rows,
-                "config_fields": config_fields()}, path)
+                "config_fields": config_fields(), "commands": checked}, path)
     for arch, r in rows.items():
         print(f"{arch}: vLLM {r['cls']}, check_rope {r['check_rope']!r:.60}, LMCache's cache "
               f"{r['lmcache_rows']} positions")
+    for case, r in checked.items():
+        print(f"{case}: served as {r['architecture']}, {r['result']:.150}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ right for the plain ones.
 
 Config names. The plugin's load-time checks read vLLM's config with getattr and defaults (so that a
 partial config cannot crash an engine); a name vLLM does not have would silently read the default.
-Every name they read is one of vLLM's."""
+Every name they read is one of vLLM's.
+
+Command lines. Our launcher's `vllm serve` for every checkpoint and docs/gpu.md's by-hand command,
+through vLLM's own `serve` parser into the config a worker gets: accepted by vLLM and by the load
+checks; vLLM's defaults, a Mistral checkpoint under its own class, tensor parallelism and a dynamic
+RoPE: refused, by name."""
 
 import importlib.util
 import subprocess
@@ -213,3 +218,39 @@ def test_a_misspelt_config_name_is_caught(vllm_rows, monkeypatch):
     monkeypatch.setattr(plugin, "LOAD_CHECKS", [*plugin.LOAD_CHECKS, misspelt])
     paths = names_read(served_config())
     assert unknown_to_vllm(paths, vllm_rows["config_fields"]) == ["cache_config.enable_prefix_cache"]
+
+
+# ------------------------------------------------------------------ `vllm serve` command lines
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_the_launchers_command_is_vllms_and_passes_the_load_checks(vllm_rows, arch):
+    """Our launcher's blend engine for each checkpoint: vLLM's own `serve` parser takes it, serves
+    the class LMCache's blender computes (Mistral as Llama), and no load-time check refuses it."""
+    from helpers.gpu import launch
+
+    r = vllm_rows["commands"][f"launcher {arch}"]
+    architecture = tc.ARCHS[arch][1]
+    assert r["result"] == "ok"
+    assert r["architecture"] == (launch.SUPPORTED_ARCHS[architecture] or architecture)
+
+
+@pytest.mark.parametrize("case", ["launcher full engine", "docs by hand"])
+def test_the_full_engine_and_the_documented_command_are_accepted(vllm_rows, case):
+    """The plain engine's command parses; docs/gpu.md's by-hand command gives a blend engine the
+    load-time checks accept."""
+    assert vllm_rows["commands"][case]["result"] == "ok"
+
+
+@pytest.mark.parametrize("case, says", [
+    ("vllm serve defaults", ["--no-enable-prefix-caching", "--enforce-eager", "--max-num-batched-tokens"]),
+    ("mistral without the override", ["as MistralForCausalLM", '--hf-overrides \'{"architectures"']),
+    ("tensor parallel 2", ["--tensor-parallel-size 2"]),
+    ("dynamic rope", ["rope_type 'dynamic'"]),
+])
+def test_what_a_user_may_type_is_refused_by_name(vllm_rows, case, says):
+    """vLLM's defaults (prefix caching, CUDA graphs, a token budget below the context), a Mistral
+    checkpoint served under its own class, tensor parallelism and a dynamic RoPE, each in vLLM's own
+    config: refused at load, saying what to pass."""
+    result = vllm_rows["commands"][case]["result"]
+    assert result.startswith("refused: "), result
+    for words in says:
+        assert words in result
