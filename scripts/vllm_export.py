@@ -22,9 +22,8 @@ Config fields: the attribute names of vLLM's VllmConfig ("") and of each of its 
 Commands: `vllm serve` command lines (our launcher's, docs/gpu.md's by-hand one, vLLM's defaults and
 a few a user may type; COMMANDS) parsed by vLLM's own `serve` parser into the VllmConfig a worker
 gets, and the plugin's load-time checks run on it: per command "ok", "refused: <why>" or
-"error: <what vLLM said>", and the architecture vLLM serves. vLLM's CPU platform stands in for CUDA:
-its defaults for what the checks read (prefix caching on, CUDA graphs on, a token budget below the
-context) are CUDA's.
+"error: <what vLLM said>", and the architecture vLLM serves. vLLM's CPU platform stands in for CUDA
+(scripts/vllm_python.py: use_on_cpu).
 
     python scripts/vllm_export.py OUT.pt     # needs vllm importable (scripts/vllm_python.py)
 """
@@ -32,7 +31,6 @@ context) are CUDA's.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -172,12 +170,8 @@ def engine_config(argv: list[str]):
 
 def checked_commands(folder: Path) -> dict[str, dict]:
     """{case: {"argv", "result", "architecture"}}: each command's config and the plugin's verdict."""
-    import vllm.platforms
-    from vllm.platforms.cpu import CpuPlatform
-
     from helpers.gpu import plugin
 
-    vllm.platforms._current_platform = CpuPlatform()  # no GPU here: CUDA's defaults, CPU's device
     out = {}
     for case, argv in commands(folder).items():
         row = {"argv": argv, "architecture": None}
@@ -196,18 +190,9 @@ def checked_commands(folder: Path) -> dict[str, dict]:
 
 def main(path: str) -> None:
     import tiny_checkpoints as tc
+    import vllm_python
 
-    try:
-        import vllm  # noqa: F401  (a GPU install has it in the venv)
-    except ImportError:
-        from vllm_python import TARGET
-
-        sys.path.append(str(TARGET))  # after the venv's own packages
-        # vLLM inspects model classes in a subprocess: it must find vllm too
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(TARGET)]))
-    cache = tempfile.TemporaryDirectory()  # vLLM's own cache (model inspections): none from earlier runs
-    os.environ["VLLM_CACHE_ROOT"] = cache.name
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    vllm_python.use_on_cpu()
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
 
     # vLLM's layers are built under a config (its CustomOp reads the compilation settings)

@@ -38,5 +38,45 @@ def install(target: Path = TARGET) -> Path:
     return target
 
 
+def use_on_cpu() -> None:
+    """Make vLLM's Python code importable and usable in this process (and the ones it starts), on a
+    machine without a GPU:
+    - vllm on sys.path (after the venv's own packages) and on PYTHONPATH (vLLM inspects model classes
+      in a subprocess), installed first if needed; a GPU install's own vllm is kept;
+    - vLLM's cache in a fresh folder (no model inspections from earlier runs), no hub;
+    - vLLM's CPU platform: no GPU here. Its defaults for what our load checks read (prefix caching
+      on, CUDA graphs on, a token budget below the context) are CUDA's;
+    - the compiled ops some layers look up when they are built (SiluAndMul's) defined as ops that
+      raise when called: with vLLM's custom ops off (`CompilationConfig(custom_ops=["none"])`)
+      every layer runs its PyTorch forward, and a kernel reached by mistake fails loudly."""
+    import importlib.util
+    import os
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        target = str(install())
+        sys.path.append(target)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), target]))
+    os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="vllm-cache-")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import vllm.platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    vllm.platforms._current_platform = CpuPlatform()
+    if not hasattr(torch.ops._C, "silu_and_mul"):
+        lib = torch.library.Library("_C", "FRAGMENT")
+        lib.define("silu_and_mul(Tensor(a!) out, Tensor input) -> ()")
+
+        def never(*args, **kwargs):
+            raise RuntimeError("vLLM's compiled silu_and_mul was called on the CPU")
+
+        lib.impl("silu_and_mul", never, "CompositeExplicitAutograd")
+        _KEEP.append(lib)
+
+
+_KEEP: list = []  # the op library lives as long as the process
+
+
 if __name__ == "__main__":
     print(install())
