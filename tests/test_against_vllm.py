@@ -14,9 +14,15 @@ Every name they read is one of vLLM's.
 Command lines. Our launcher's `vllm serve` for every checkpoint and docs/gpu.md's by-hand command,
 through vLLM's own `serve` parser into the config a worker gets: accepted by vLLM and by the load
 checks; vLLM's defaults, a Mistral checkpoint under its own class, tensor parallelism and a dynamic
-RoPE: refused, by name."""
+RoPE: refused, by name.
+
+The fast path on vLLM's model classes (tests/vllm_fast_path.py). Its pass over vLLM's own
+LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, built from every checkpoint in float32,
+writes the K/V of transformers' full prefill when nothing has to be repaired; without LMCache's q/k
+norm (the negative control) Qwen3's is wrong."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import types
@@ -254,3 +260,39 @@ def test_what_a_user_may_type_is_refused_by_name(vllm_rows, case, says):
     assert result.startswith("refused: "), result
     for words in says:
         assert words in result
+
+
+# ------------------------------------------------------------------ the fast path on vLLM's model classes
+@pytest.fixture(scope="module")
+def fast_path_on_vllm():
+    """tests/vllm_fast_path.py's numbers, run in its own process."""
+    run = subprocess.run([sys.executable, "-m", "tests.vllm_fast_path"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{"))
+    print(line)
+    return json.loads(line)
+
+
+@pytest.mark.model  # the checkpoints carry SmolLM2's tokenizer, from the converted model
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_the_fast_path_on_vllms_model_classes_writes_the_full_prefills_kv(fast_path_on_vllm, arch):
+    """Nothing moved (ratio 0.15) and two chunks reordered at ratio 1.0: the paged K/V equal a
+    float32 full prefill's, within float32 rounding, for the class vLLM serves the checkpoint as."""
+    from helpers.gpu import launch
+
+    r = fast_path_on_vllm[arch]
+    architecture = tc.ARCHS[arch][1]
+    assert r["served_as"] == (launch.SUPPORTED_ARCHS[architecture] or architecture)
+    assert r["same_pos"] < 1e-4 and r["ratio_1"] < 1e-4, r
+
+
+@pytest.mark.model
+def test_negative_control_qwen3_without_lmcaches_qk_norm(fast_path_on_vllm):
+    """The fast path applies Qwen3's q/k norm through LMCache's per-model `_process_qkv`: without it,
+    Qwen3's K/V are far off, and nothing changes for the models without one."""
+    for arch, r in fast_path_on_vllm.items():
+        if arch == "qwen3":
+            assert r["no_qk_norm"] > 0.1, r
+        else:
+            assert r["no_qk_norm"] == r["ratio_1"], (arch, r)

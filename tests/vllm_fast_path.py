@@ -1,0 +1,188 @@
+"""The fast path's pass (helpers/gpu/fast: FastBlender) over vLLM 0.26's own model classes, on the
+CPU, for every tiny checkpoint (scripts/tiny_checkpoints.py): run by tests/test_against_vllm.py in a
+process of its own (vLLM never enters pytest's), which asserts on the numbers it prints.
+
+vLLM builds each checkpoint as it serves it (LlamaForCausalLM for Llama-2, Llama-3.1, linear scaling
+and Mistral served as Llama; Qwen2ForCausalLM with its qkv bias; Qwen3ForCausalLM with its q/k
+norms), in float32, its layers running their PyTorch forward (scripts/vllm_python.py: use_on_cpu).
+What vLLM or LMCache do in kernels is faked as tests/test_fast_blend.py fakes it: the paged-cache
+write (a flat [slots, 2, kv_heads, head_dim] tensor), LMCache's host store and token database, and
+its full-attention layers (PyTorch's causal attention); for Qwen3, LMCache 0.5.3's `_process_qkv`
+(lmcache/v1/compute/models/qwen3.py: q/k norm per head), which the fast path calls.
+
+Chunks are precomputed as the launcher does (system prompt, separator, chunk: each segment's K/V at
+its positions), with the K/V of transformers' float32 full prefill. Per checkpoint, the largest
+error of the paged K and V the pass writes, relative to the largest value, against transformers'
+full prefill of the same ids:
+  same_pos    the chunk where it was cached, ratio 0.15: the cached K/V is right and must stay so
+  ratio_1     two chunks reordered, ratio 1.0: everything past the check layer recomputed
+  no_qk_norm  ratio_1 without LMCache's q/k norm (the negative control: wrong for Qwen3 only)
+
+    python -m tests.vllm_fast_path          # prints one JSON object
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import tiny_checkpoints as tc  # noqa: E402
+import vllm_python  # noqa: E402
+
+from tests.test_fast_blend import SEP, Host, HostObj, segments  # noqa: E402
+
+SYS, CHUNK_A, CHUNK_B = [1, 2, 3, 4, 5], list(range(100, 160)), list(range(200, 240))
+CHECK_LAYER = 1
+
+
+def vllm_model(path: Path, architecture: str | None):
+    """vLLM's model of the checkpoint at `path` (served as `architecture`), float32, weights loaded."""
+    from safetensors.torch import load_file
+    from vllm.config import CompilationConfig, DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+
+    overrides = {"architectures": [architecture]} if architecture else {}
+    model_config = ModelConfig(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096,
+                               hf_overrides=overrides)
+    config = VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu"),
+                        compilation_config=CompilationConfig(custom_ops=["none"]))
+    with set_current_vllm_config(config):
+        model = initialize_model(vllm_config=config)
+        model.load_weights(load_file(path / "model.safetensors").items())
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
+    return model.eval()
+
+
+def hf_kv(hf, ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' K (rotated) and V of a float32 full prefill: [layers, T, kv_heads * head_dim]."""
+    with torch.no_grad():
+        cache = hf(torch.tensor([ids]), use_cache=True).past_key_values
+    ks = torch.stack([layer.keys[0].transpose(0, 1).flatten(1) for layer in cache.layers])
+    vs = torch.stack([layer.values[0].transpose(0, 1).flatten(1) for layer in cache.layers])
+    return ks, vs
+
+
+def precompute(hf, host, ids):
+    """What the launcher's precompute leaves in LMCache: each segment's K/V at its positions."""
+    ks, vs = hf_kv(hf, ids)
+    for s, e, key in segments(ids):
+        for layer in range(ks.shape[0]):
+            kv = torch.stack([ks[layer, s:e], vs[layer, s:e]])
+            host.objs[(key, layer)] = HostObj(kv, torch.arange(s, e))
+
+
+class PagedWrite:
+    """vLLM's attention impl as far as the fast path uses it: its scale, and the paged-cache write
+    (a flat [slots, 2, kv_heads, head_dim] cache here)."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    @staticmethod
+    def do_kv_cache_update(layer, key, value, kv_cache, slot_mapping):
+        kv_cache[slot_mapping] = torch.stack([key, value], dim=1)
+
+
+class FullAttention:
+    """LMCache's full-attention layer (layers up to the check layer): causal, grouped KV heads."""
+
+    def init_attn_metadata(self, input_ids):
+        return None
+
+    def forward_contiguous(self, q, k, v, out, meta):
+        rep = q.shape[1] // k.shape[1]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                                           v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
+        out.copy_(o.transpose(0, 1))
+        return out
+
+
+def qwen3_process_qkv(q, k, v, layer):
+    """LMCache 0.5.3's LMCQwen3Model._process_qkv: Qwen3's q/k RMSNorm over each head."""
+    d = layer.self_attn.head_dim
+    q = layer.self_attn.q_norm(q.view(*q.shape[:-1], q.shape[-1] // d, d)).view(q.shape)
+    k = layer.self_attn.k_norm(k.view(*k.shape[:-1], k.shape[-1] // d, d)).view(k.shape)
+    return q, k, v
+
+
+def blend(model, host, ids, ratio, process_qkv):
+    """The paged K and V ([layers, T, kv_dim]) FastBlender writes for `ids`."""
+    from helpers.gpu.fast import blender as bl
+    from helpers.gpu.fast import store as st
+
+    layers = model.model.layers
+    attn = layers[0].self_attn.attn
+    kv_heads, d = attn.num_kv_heads, attn.head_size
+    for layer in layers:
+        layer.self_attn.attn.impl = PagedWrite(layer.self_attn.attn.impl.scale)
+    layerwise = types.SimpleNamespace(vllm_model=model, lmc_attn_layers=[FullAttention()] * len(layers))
+    if process_qkv is not None:
+        layerwise._process_qkv = process_qkv
+    database = types.SimpleNamespace(process_tokens=lambda tokens, mask: segments(tokens.tolist()))
+    lmc = types.SimpleNamespace(
+        layerwise_model=layerwise,
+        common_metadata=types.SimpleNamespace(check_layers=[CHECK_LAYER], recomp_ratios=[ratio]),
+        cache_engine=types.SimpleNamespace(token_database=database, storage_manager=host))
+    store = st.ChunkStore(len(layers), kv_heads * d, 512, torch.float32, "cpu", page=16)
+    caches = [torch.full((len(ids) + 8, 2, kv_heads, d), float("nan")) for _ in layers]
+    slots = torch.arange(len(ids)) + 5
+    assert bl.FastBlender(lmc, store).blend(ids, None, caches, slots)
+    kv = torch.stack([c[slots] for c in caches])
+    return kv[:, :, 0].flatten(2), kv[:, :, 1].flatten(2)
+
+
+def error(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def check(arch: str, folder: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from helpers.gpu import launch
+
+    path = tc.write(arch, folder)
+    config = json.loads((path / "config.json").read_text())
+    model = vllm_model(path, launch.served_architecture(config, arch))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    qkv = qwen3_process_qkv if type(model).__name__ == "Qwen3ForCausalLM" else None
+    out = {"served_as": type(model).__name__}
+    host = Host()
+    one = SYS + list(SEP) + CHUNK_A
+    precompute(hf, host, one)
+    k, v = blend(model, host, one, 0.15, qkv)
+    want_k, want_v = hf_kv(hf, one)
+    out["same_pos"] = max(error(k, want_k), error(v, want_v))
+    precompute(hf, host, SYS + list(SEP) + CHUNK_B)
+    two = SYS + list(SEP) + CHUNK_B + list(SEP) + CHUNK_A  # A moved, B where it was cached
+    want_k, want_v = hf_kv(hf, two)
+    for name, process in (("ratio_1", qkv), ("no_qk_norm", None)):
+        k, v = blend(model, host, two, 1.0, process)
+        out[name] = max(error(k, want_k), error(v, want_v))
+    return out
+
+
+def main() -> None:
+    import tempfile
+
+    vllm_python.use_on_cpu()
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method="tcp://127.0.0.1:0")
+        initialize_model_parallel(1, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {arch: check(arch, Path(tmp)) for arch in tc.ARCHS}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
