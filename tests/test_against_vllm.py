@@ -18,8 +18,10 @@ RoPE: refused, by name.
 
 The fast path on vLLM's model classes (tests/vllm_fast_path.py). Its pass over vLLM's own
 LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, built from every checkpoint in float32,
-writes the K/V of transformers' full prefill when nothing has to be repaired; without LMCache's q/k
-norm (the negative control) Qwen3's is wrong."""
+writes the K/V of transformers' full prefill when nothing has to be repaired, and gives the CPU
+reference's answer with chunks moved (the conformance suite's moved_r0 and moved_r0.15). Negative
+controls: without LMCache's q/k norm Qwen3's K/V are wrong; with LMCache's own re-rotation
+Llama-3.1's answer moves far from the reference."""
 
 import importlib.util
 import json
@@ -296,3 +298,23 @@ def test_negative_control_qwen3_without_lmcaches_qk_norm(fast_path_on_vllm):
             assert r["no_qk_norm"] > 0.1, r
         else:
             assert r["no_qk_norm"] == r["ratio_1"], (arch, r)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("arch", list(tc.ARCHS))
+def test_the_fast_path_on_vllms_model_classes_answers_as_the_reference(fast_path_on_vllm, arch):
+    """Chunks moved (a QA prompt of about 2.5K tokens, 4 chunks), ratio 0 and 0.15: the next token's
+    top-20 KL to the float32 CPU reference's blend is float32 rounding, and the first token agrees."""
+    r = fast_path_on_vllm[arch]
+    assert r["tokens"] > 2000
+    for check in ("moved_r0", "moved_r0.15"):
+        assert r[check]["kl"] < 1e-6 and r[check]["first_token_agrees"], (check, r[check])
+
+
+@pytest.mark.model
+def test_negative_control_lmcaches_rerotation_fails_llama31_on_vllms_model(fast_path_on_vllm):
+    r = fast_path_on_vllm["llama31"]
+    print(f"llama31 moved_r0 on vLLM's model: KL {r['moved_r0']['kl']:.2e} served RoPE, "
+          f"{r['negative_control_moved_r0']['kl']:.4f} LMCache's")
+    assert r["negative_control_moved_r0"]["kl"] > 0.05
+    assert r["negative_control_moved_r0"]["kl"] > 1e4 * r["moved_r0"]["kl"]

@@ -17,6 +17,13 @@ full prefill of the same ids:
   same_pos    the chunk where it was cached, ratio 0.15: the cached K/V is right and must stay so
   ratio_1     two chunks reordered, ratio 1.0: everything past the check layer recomputed
   no_qk_norm  ratio_1 without LMCache's q/k norm (the negative control: wrong for Qwen3 only)
+And the two moved checks of the conformance suite (helpers/conformance.py: moved_r0, moved_r0.15)
+on one QA prompt of the corpus (4 chunks in the chat template, each segment cached alone from
+position 0, as the reference caches them): the next token's top-20 KL of the fast path to the CPU
+reference's blend (`conformance.Reference`), and whether the first tokens agree. The fast path's
+next token is what vLLM computes after the blend: the last token over the paged K/V (transformers'
+forward of that token here). The negative control (Llama-3.1 only): moved_r0 with the re-rotation
+LMCache builds (vLLM's rotary embedding without the RoPE scaling, scripts/vllm_export.py).
 
     python -m tests.vllm_fast_path          # prints one JSON object
 """
@@ -112,8 +119,9 @@ def qwen3_process_qkv(q, k, v, layer):
     return q, k, v
 
 
-def blend(model, host, ids, ratio, process_qkv):
-    """The paged K and V ([layers, T, kv_dim]) FastBlender writes for `ids`."""
+def blend(model, host, ids, ratio, process_qkv, check_layer=CHECK_LAYER, cut=segments, rerotate=None):
+    """The paged K and V ([layers, T, kv_dim]) FastBlender writes for `ids` (`cut`: LMCache's token
+    database; `rerotate`: another re-rotation than the served model's)."""
     from helpers.gpu.fast import blender as bl
     from helpers.gpu.fast import store as st
 
@@ -125,17 +133,76 @@ def blend(model, host, ids, ratio, process_qkv):
     layerwise = types.SimpleNamespace(vllm_model=model, lmc_attn_layers=[FullAttention()] * len(layers))
     if process_qkv is not None:
         layerwise._process_qkv = process_qkv
-    database = types.SimpleNamespace(process_tokens=lambda tokens, mask: segments(tokens.tolist()))
+    database = types.SimpleNamespace(process_tokens=lambda tokens, mask: cut(tokens.tolist()))
     lmc = types.SimpleNamespace(
         layerwise_model=layerwise,
-        common_metadata=types.SimpleNamespace(check_layers=[CHECK_LAYER], recomp_ratios=[ratio]),
+        common_metadata=types.SimpleNamespace(check_layers=[check_layer], recomp_ratios=[ratio]),
         cache_engine=types.SimpleNamespace(token_database=database, storage_manager=host))
-    store = st.ChunkStore(len(layers), kv_heads * d, 512, torch.float32, "cpu", page=16)
+    store = st.ChunkStore(len(layers), kv_heads * d, len(ids) + 256, torch.float32, "cpu", page=16)
     caches = [torch.full((len(ids) + 8, 2, kv_heads, d), float("nan")) for _ in layers]
     slots = torch.arange(len(ids)) + 5
-    assert bl.FastBlender(lmc, store).blend(ids, None, caches, slots)
+    fast = bl.FastBlender(lmc, store)
+    if rerotate is not None:
+        fast.rerotate = rerotate
+    assert fast.blend(ids, None, caches, slots)
     kv = torch.stack([c[slots] for c in caches])
     return kv[:, :, 0].flatten(2), kv[:, :, 1].flatten(2)
+
+
+def next_token(hf, ids, k, v) -> torch.Tensor:
+    """Logits of the token after `ids`: its last token computed over the paged K/V of the others."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    kv_heads = hf.config.num_key_value_heads
+    for layer in range(k.shape[0]):
+        cache.update(*(t[layer, :-1].view(len(ids) - 1, kv_heads, -1).transpose(0, 1)[None] for t in (k, v)),
+                     layer)
+    with torch.no_grad():
+        out = hf(torch.tensor([ids[-1:]]), past_key_values=cache, position_ids=torch.tensor([[len(ids) - 1]]))
+    return out.logits[0, -1]
+
+
+def moved(arch: str, path: Path, model, hf, qkv) -> dict:
+    """The conformance suite's moved checks: the fast path against the CPU reference's blend."""
+    from helpers import conformance as cf
+    from helpers.metrics import topk_kl
+    from tests.test_fast_blend import Key
+
+    ref = cf.Reference(path)
+    p = next(p for p in cf.prompts(ref.tok, n_same=0, n_moved=1, n_far=0) if p.check == "moved_r0.15")
+
+    def cut(ids):  # LMCache's SegmentTokenDatabase at the tokenizer's separator
+        return [(s, e, Key(ids[s:e])) for s, e in cf.split_at(ids, ref.sep) if e > s]
+
+    host = Host()
+    for s, e, key in cut(p.ids)[:-1]:  # each segment cached alone, at 0..n-1
+        ks, vs = hf_kv(hf, p.ids[s:e])
+        for layer in range(ks.shape[0]):
+            host.objs[(key, layer)] = HostObj(torch.stack([ks[layer], vs[layer]]), torch.arange(e - s))
+    out = {"tokens": len(p.ids)}
+    runs = [(check, None) for check in ("moved_r0", "moved_r0.15")]
+    if arch == "llama31":
+        runs.append(("negative_control_moved_r0", lmcache_rerotation(model)))
+    for name, rerotate in runs:
+        ratio, layer = cf.CHECKS[name.removeprefix("negative_control_")]
+        want = cf.top_logprobs(ref.blend(p.ids, ratio, layer))
+        k, v = blend(model, host, p.ids, ratio, qkv, layer, cut, rerotate)
+        got = cf.top_logprobs(next_token(hf, p.ids, k, v))
+        agree = want["token"] == got["token"]
+        out[name] = {"kl": topk_kl(want["top"], got["top"]), "first_token_agrees": agree}
+    return out
+
+
+def lmcache_rerotation(model):
+    """LMCache 0.5.3's re-rotation for this model (its rotary embedding rebuilt without the scaling)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm_export import lmcache_rope
+
+    from helpers.gpu.rope import Rerotate
+
+    with set_current_vllm_config(VllmConfig()):
+        return Rerotate(lmcache_rope(model.model.layers[0].self_attn.rotary_emb))
 
 
 def error(got, want) -> float:
@@ -165,6 +232,7 @@ def check(arch: str, folder: Path) -> dict:
     for name, process in (("ratio_1", qkv), ("no_qk_norm", None)):
         k, v = blend(model, host, two, 1.0, process)
         out[name] = max(error(k, want_k), error(v, want_v))
+    out.update(moved(arch, path, model, hf, qkv))
     return out
 
 
