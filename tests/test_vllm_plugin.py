@@ -431,15 +431,21 @@ def test_unrun_serving_settings_are_refused_at_load(fake_stack, tmp_path, monkey
 def test_a_rope_blending_cannot_move_is_refused_at_load(fake_stack, tmp_path, monkeypatch, rope, refused):
     """A served model's RoPE is checked before the model loads: one blending cannot re-rotate by a
     position delta (dynamic NTK) stops the engine, naming it; Llama-3's scaling loads."""
+    loads_or_is_refused(fake_stack, tmp_path, monkeypatch, vllm_config(rope=rope), refused)
+
+
+def loads_or_is_refused(fake_stack, tmp_path, monkeypatch, config, refused: str | None) -> None:
+    """A blend engine's model loads (and is registered for LMCache) with `config`, or, if `refused`,
+    stops at load with a message matching it, before the model is registered."""
     blend_on(tmp_path, monkeypatch)
     use(monkeypatch, path="fixed")
     vp.register()
     if refused:
         with pytest.raises(vp.BlendRefused, match=refused):
-            fake_stack.Worker(vllm_config(rope=rope)).load_model()
+            fake_stack.Worker(config).load_model()
         assert fake_stack.registered == []
     else:
-        fake_stack.Worker(vllm_config(rope=rope)).load_model()
+        fake_stack.Worker(config).load_model()
         assert fake_stack.registered == [("vllm-instance", "the-model")]
 
 
@@ -454,16 +460,7 @@ def test_a_model_class_lmcache_cannot_blend_is_refused_at_load(fake_stack, tmp_p
     """A hand-started `vllm serve` of a Mistral checkpoint gets vLLM's MistralForCausalLM, which
     LMCache's blender looks up by name and has no model for: refused at load with the flag that
     serves it as Llama (the launcher passes it); a class LMCache cannot compute is named."""
-    blend_on(tmp_path, monkeypatch)
-    use(monkeypatch, path="fixed")
-    vp.register()
-    if refused:
-        with pytest.raises(vp.BlendRefused, match=refused):
-            fake_stack.Worker(vllm_config(arch=arch)).load_model()
-        assert fake_stack.registered == []
-    else:
-        fake_stack.Worker(vllm_config(arch=arch)).load_model()
-        assert fake_stack.registered == [("vllm-instance", "the-model")]
+    loads_or_is_refused(fake_stack, tmp_path, monkeypatch, vllm_config(arch=arch), refused)
 
 
 def test_load_checks_take_more_checks(fake_stack, tmp_path, monkeypatch, caplog):
