@@ -21,7 +21,11 @@ LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, built from every checkp
 writes the K/V of transformers' full prefill when nothing has to be repaired, and gives the CPU
 reference's answer with chunks moved (the conformance suite's moved_r0 and moved_r0.15). Negative
 controls: without LMCache's q/k norm Qwen3's K/V are wrong; with LMCache's own re-rotation
-Llama-3.1's answer moves far from the reference."""
+Llama-3.1's answer moves far from the reference.
+
+vLLM's plugin loader (tests/vllm_plugin_loader.py) calls our entry point in a plain engine, a blend
+engine without LMCache and one whose LMCache lacks what the plugin patches: it returns each time,
+and only the blend engines stop, at model load, saying why."""
 
 import importlib.util
 import json
@@ -318,3 +322,29 @@ def test_negative_control_lmcaches_rerotation_fails_llama31_on_vllms_model(fast_
           f"{r['negative_control_moved_r0']['kl']:.4f} LMCache's")
     assert r["negative_control_moved_r0"]["kl"] > 0.05
     assert r["negative_control_moved_r0"]["kl"] > 1e4 * r["moved_r0"]["kl"]
+
+
+# ------------------------------------------------------------------ vLLM's plugin loader
+def plugin_loader(case: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tests.vllm_plugin_loader", case], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case, load_model", [
+    ("plain", "original"),
+    ("no_lmcache", "refused: BlendRefused: kvblend: blending refused: this environment has lmcache "
+                   "(not installed)"),
+    ("moved_symbol", "refused: BlendRefused: kvblend: blending refused: ModuleNotFoundError: No module "
+                     "named 'lmcache.integration'"),
+])
+def test_vllms_plugin_loader_survives_our_entry_point(case, load_model):
+    run = plugin_loader(case)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    assert out["loader_returned"] and out["load_model"].startswith(load_model), out
+
+
+def test_negative_control_vllms_loader_lets_a_raising_plugin_through():
+    """Why register() must never raise: vLLM's loader does not catch what a plugin's call raises."""
+    run = plugin_loader("raising")
+    assert run.returncode != 0 and "RuntimeError: a plugin that raises" in run.stderr, run.stderr[-2000:]
