@@ -35,8 +35,8 @@ endif
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS),test]"
 ifeq ($(EXTRAS),cpu)
-	# vLLM's Python code beside the venv, not in it, for tests/test_against_vllm.py (no kernels)
-	$(BIN)/python scripts/vllm_python.py >/dev/null
+	# vLLM's and LMCache's Python code beside the venv, not in it, for tests/test_against_vllm.py
+	$(BIN)/python scripts/upstream_python.py >/dev/null
 endif
 	# Debian's Chromium for the real-browser UI test (Playwright cannot download its own here)
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \

@@ -1,5 +1,5 @@
 """What vLLM builds, exported on the CPU for tests/test_against_vllm.py, which checks our GPU code
-against it: vLLM's own Python code (scripts/vllm_python.py installs it; no kernel runs).
+against it: vLLM's own Python code (scripts/upstream_python.py installs it; no kernel runs).
 
 Rotary embeddings. Each tiny checkpoint's config.json (scripts/tiny_checkpoints.py) is read by vLLM's
 own config reader; `get_rope` is called as vLLM's Llama, Mistral, Qwen2 and Qwen3 attention layers
@@ -23,9 +23,9 @@ Commands: `vllm serve` command lines (our launcher's, docs/gpu.md's by-hand one,
 a few a user may type; COMMANDS) parsed by vLLM's own `serve` parser into the VllmConfig a worker
 gets, and the plugin's load-time checks run on it: per command "ok", "refused: <why>" or
 "error: <what vLLM said>", and the architecture vLLM serves. vLLM's CPU platform stands in for CUDA
-(scripts/vllm_python.py: use_on_cpu).
+(scripts/upstream_python.py: use_on_cpu).
 
-    python scripts/vllm_export.py OUT.pt     # needs vllm importable (scripts/vllm_python.py)
+    python scripts/vllm_export.py OUT.pt     # needs vllm importable (scripts/upstream_python.py)
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def checked_commands(folder: Path) -> dict[str, dict]:
 
 def main(path: str) -> None:
     import tiny_checkpoints as tc
-    import vllm_python
+    import upstream_python
 
-    vllm_python.use_on_cpu()
+    upstream_python.use_on_cpu()
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
 
     # vLLM's layers are built under a config (its CustomOp reads the compilation settings)

@@ -1,5 +1,5 @@
 """Our GPU code against vLLM's own, on the CPU: scripts/vllm_export.py builds what vLLM 0.26 builds
-(vLLM's Python code from scripts/vllm_python.py; no kernel runs) and saves it.
+(vLLM's Python code from scripts/upstream_python.py; no kernel runs) and saves it.
 
 Rotary embeddings. The CPU conformance suite (tests/test_conformance.py) stands transformers' rotary
 embedding in for vLLM's; here that stand-in is checked: vLLM rotates Q and K exactly as transformers
@@ -25,7 +25,8 @@ Llama-3.1's answer moves far from the reference.
 
 vLLM's plugin loader (tests/vllm_plugin_loader.py) calls our entry point in a plain engine, a blend
 engine without LMCache and one whose LMCache lacks what the plugin patches: it returns each time,
-and only the blend engines stop, at model load, saying why."""
+and only the blend engines stop, at model load, saying why. With LMCache 0.5.3's own Python code
+every patch applies, and LMCache's connector stores only the requests that ask."""
 
 import importlib.util
 import json
@@ -43,7 +44,7 @@ from helpers.gpu import rope
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_checkpoints as tc  # noqa: E402
-import vllm_python  # noqa: E402
+import upstream_python  # noqa: E402
 
 SCALED = [a for a in tc.ARCHS if tc.rope_of(a)["rope_type"] != "default"]
 
@@ -52,7 +53,7 @@ SCALED = [a for a in tc.ARCHS if tc.rope_of(a)["rope_type"] != "default"]
 def vllm_rows(tmp_path_factory):
     """What scripts/vllm_export.py saves, run in its own process (vLLM never enters this one)."""
     if importlib.util.find_spec("vllm") is None:  # a GPU install has it in the venv
-        vllm_python.install()
+        upstream_python.install()
     out = tmp_path_factory.mktemp("vllm") / "export.pt"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_export.py"), str(out)],
                          capture_output=True, text=True, timeout=600)
@@ -342,6 +343,20 @@ def test_vllms_plugin_loader_survives_our_entry_point(case, load_model):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
     assert out["loader_returned"] and out["load_model"].startswith(load_model), out
+
+
+def test_the_pinned_pair_gets_every_patch_and_stores_only_what_asks():
+    """vLLM 0.26 and LMCache 0.5.3's own Python code: every patch applies (the worker's load_model
+    wrapped, LMCache's request reading, its blend), and LMCache's connector stores a request's
+    segments only when it sends `lmcache.save` (a plain client's, or one with other LMCache keys, is
+    not stored); without the plugin's reading, LMCache stores the plain client's (negative control)."""
+    run = plugin_loader("pinned_pair")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    assert "kvblend plugin active" in run.stdout + run.stderr
+    assert out["load_model"] == "wrapped" and out["save_wrapped"] and out["blend_wrapped"], out
+    assert out["saved"] == {"plain client": False, "another lmcache key": False, "precompute": True}, out
+    assert out["saved_unpatched"] == {"plain client": True}, out
 
 
 def test_negative_control_vllms_loader_lets_a_raising_plugin_through():

@@ -4,7 +4,7 @@ process of its own (vLLM never enters pytest's), which asserts on the numbers it
 
 vLLM builds each checkpoint as it serves it (LlamaForCausalLM for Llama-2, Llama-3.1, linear scaling
 and Mistral served as Llama; Qwen2ForCausalLM with its qkv bias; Qwen3ForCausalLM with its q/k
-norms), in float32, its layers running their PyTorch forward (scripts/vllm_python.py: use_on_cpu).
+norms), in float32, its layers running their PyTorch forward (scripts/upstream_python.py: use_on_cpu).
 What vLLM or LMCache do in kernels is faked as tests/test_fast_blend.py fakes it: the paged-cache
 write (a flat [slots, 2, kv_heads, head_dim] tensor), LMCache's host store and token database, and
 its full-attention layers (PyTorch's causal attention); for Qwen3, LMCache 0.5.3's `_process_qkv`
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import tiny_checkpoints as tc  # noqa: E402
-import vllm_python  # noqa: E402
+import upstream_python  # noqa: E402
 
 from tests.test_fast_blend import SEP, Host, HostObj, segments  # noqa: E402
 
@@ -239,7 +239,7 @@ def check(arch: str, folder: Path) -> dict:
 def main() -> None:
     import tempfile
 
-    vllm_python.use_on_cpu()
+    upstream_python.use_on_cpu()
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
