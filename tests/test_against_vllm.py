@@ -296,8 +296,8 @@ def test_the_fast_path_on_vllms_model_classes_writes_the_full_prefills_kv(fast_p
 
 @pytest.mark.model
 def test_negative_control_qwen3_without_lmcaches_qk_norm(fast_path_on_vllm):
-    """The fast path applies Qwen3's q/k norm through LMCache's per-model `_process_qkv`: without it,
-    Qwen3's K/V are far off, and nothing changes for the models without one."""
+    """The fast path applies Qwen3's q/k norm through LMCache's per-model `_process_qkv` (its own code
+    here): without it, Qwen3's K/V are far off, and nothing changes for the models without one."""
     for arch, r in fast_path_on_vllm.items():
         if arch == "qwen3":
             assert r["no_qk_norm"] > 0.1, r

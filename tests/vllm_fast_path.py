@@ -7,8 +7,8 @@ and Mistral served as Llama; Qwen2ForCausalLM with its qkv bias; Qwen3ForCausalL
 norms), in float32, its layers running their PyTorch forward (scripts/upstream_python.py: use_on_cpu).
 What vLLM or LMCache do in kernels is faked as tests/test_fast_blend.py fakes it: the paged-cache
 write (a flat [slots, 2, kv_heads, head_dim] tensor), LMCache's host store and token database, and
-its full-attention layers (PyTorch's causal attention); for Qwen3, LMCache 0.5.3's `_process_qkv`
-(lmcache/v1/compute/models/qwen3.py: q/k norm per head), which the fast path calls.
+its full-attention layers (PyTorch's causal attention). The per-model `_process_qkv` the fast path
+calls is LMCache 0.5.3's own (Qwen3's q/k norm per head), from its layer-wise model of the class.
 
 Chunks are precomputed as the launcher does (system prompt, separator, chunk: each segment's K/V at
 its positions), with the K/V of transformers' float32 full prefill. Per checkpoint, the largest
@@ -30,6 +30,7 @@ LMCache builds (vLLM's rotary embedding without the RoPE scaling, scripts/vllm_e
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import types
@@ -111,12 +112,15 @@ class FullAttention:
         return out
 
 
-def qwen3_process_qkv(q, k, v, layer):
-    """LMCache 0.5.3's LMCQwen3Model._process_qkv: Qwen3's q/k RMSNorm over each head."""
-    d = layer.self_attn.head_dim
-    q = layer.self_attn.q_norm(q.view(*q.shape[:-1], q.shape[-1] // d, d)).view(q.shape)
-    k = layer.self_attn.k_norm(k.view(*k.shape[:-1], k.shape[-1] // d, d)).view(k.shape)
-    return q, k, v
+def lmcache_process_qkv(model):
+    """LMCache's `_process_qkv` for vLLM's model class: that of the layer-wise model its
+    `infer_model_from_vllm` picks by the class name (lmcache/v1/compute/models/utils.py)."""
+    from lmcache.v1.compute.models.llama import LMCLlamaModel
+    from lmcache.v1.compute.models.qwen3 import LMCQwen3Model
+
+    layerwise = {"LlamaForCausalLM": LMCLlamaModel, "Qwen2ForCausalLM": LMCLlamaModel,
+                 "Qwen3ForCausalLM": LMCQwen3Model}[type(model).__name__]
+    return functools.partial(layerwise._process_qkv, None)  # it reads the layer only
 
 
 def blend(model, host, ids, ratio, process_qkv, check_layer=CHECK_LAYER, cut=segments, rerotate=None):
@@ -218,7 +222,7 @@ def check(arch: str, folder: Path) -> dict:
     config = json.loads((path / "config.json").read_text())
     model = vllm_model(path, launch.served_architecture(config, arch))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    qkv = qwen3_process_qkv if type(model).__name__ == "Qwen3ForCausalLM" else None
+    qkv = lmcache_process_qkv(model)
     out = {"served_as": type(model).__name__}
     host = Host()
     one = SYS + list(SEP) + CHUNK_A
@@ -239,7 +243,7 @@ def check(arch: str, folder: Path) -> dict:
 def main() -> None:
     import tempfile
 
-    upstream_python.use_on_cpu()
+    upstream_python.use_on_cpu(lmcache=True)
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
