@@ -25,7 +25,8 @@ gets, and the plugin's load-time checks run on it: per command "ok", "refused: <
 "error: <what vLLM said>", and the architecture vLLM serves. vLLM's CPU platform stands in for CUDA
 (scripts/upstream_python.py: use_on_cpu).
 
-    python scripts/vllm_export.py OUT.pt     # needs vllm importable (scripts/upstream_python.py)
+    python scripts/vllm_export.py rotary OUT.pt      # rotary embeddings and config fields
+    python scripts/vllm_export.py commands OUT.pt    # command lines
 """
 
 from __future__ import annotations
@@ -188,31 +189,33 @@ def checked_commands(folder: Path) -> dict[str, dict]:
     return out
 
 
-def main(path: str) -> None:
+def main(what: str, path: str) -> None:
     import tiny_checkpoints as tc
     import upstream_python
 
     upstream_python.use_on_cpu()
+    import vllm
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
 
-    # vLLM's layers are built under a config (its CustomOp reads the compilation settings)
-    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))), \
-            tempfile.TemporaryDirectory() as tmp:
-        rows = {arch: export(arch, Path(tmp)) for arch in (*tc.ARCHS, *tc.REFUSED)}
-    with tempfile.TemporaryDirectory() as tmp:
-        checked = checked_commands(Path(tmp))
-    import vllm
-
-    torch.save({"vllm": vllm.__version__, "positions": POSITIONS, "rows": rows,
-                "config_fields": config_fields(), "commands": checked}, path)
-    for arch, r in rows.items():
-        print(f"{arch}: vLLM {r['cls']}, check_rope {r['check_rope']!r:.60}, LMCache's cache "
-              f"{r['lmcache_rows']} positions")
-    for case, r in checked.items():
-        print(f"{case}: served as {r['architecture']}, {r['result']:.150}")
+    saved = {"vllm": vllm.__version__}
+    if what == "rotary":
+        # vLLM's layers are built under a config (its CustomOp reads the compilation settings)
+        with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))), \
+                tempfile.TemporaryDirectory() as tmp:
+            rows = {arch: export(arch, Path(tmp)) for arch in (*tc.ARCHS, *tc.REFUSED)}
+        saved |= {"positions": POSITIONS, "rows": rows, "config_fields": config_fields()}
+        for arch, r in rows.items():
+            print(f"{arch}: vLLM {r['cls']}, check_rope {r['check_rope']!r:.60}, LMCache's cache "
+                  f"{r['lmcache_rows']} positions")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved["commands"] = checked_commands(Path(tmp))
+        for case, r in saved["commands"].items():
+            print(f"{case}: served as {r['architecture']}, {r['result']:.150}")
+    torch.save(saved, path)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3 or sys.argv[1] not in ("rotary", "commands"):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -49,19 +49,28 @@ import upstream_python  # noqa: E402
 SCALED = [a for a in tc.ARCHS if tc.rope_of(a)["rope_type"] != "default"]
 
 
-@pytest.fixture(scope="module")
-def vllm_rows(tmp_path_factory):
+def exported(what: str, folder: Path) -> dict:
     """What scripts/vllm_export.py saves, run in its own process (vLLM never enters this one)."""
     if importlib.util.find_spec("vllm") is None:  # a GPU install has it in the venv
         upstream_python.install()
-    out = tmp_path_factory.mktemp("vllm") / "export.pt"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_export.py"), str(out)],
+    out = folder / f"{what}.pt"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_export.py"), what, str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     print(run.stdout)
     saved = torch.load(out)
     assert saved["vllm"] == "0.26.0"
     return saved
+
+
+@pytest.fixture(scope="module")
+def vllm_rows(tmp_path_factory):
+    return exported("rotary", tmp_path_factory.mktemp("vllm"))
+
+
+@pytest.fixture(scope="module")
+def vllm_commands(tmp_path_factory):
+    return exported("commands", tmp_path_factory.mktemp("vllm"))["commands"]
 
 
 def full(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -234,23 +243,25 @@ def test_a_misspelt_config_name_is_caught(vllm_rows, monkeypatch):
 
 
 # ------------------------------------------------------------------ `vllm serve` command lines
+@pytest.mark.slow  # vLLM builds 13 configs, about 25 s
 @pytest.mark.parametrize("arch", list(tc.ARCHS))
-def test_the_launchers_command_is_vllms_and_passes_the_load_checks(vllm_rows, arch):
+def test_the_launchers_command_is_vllms_and_passes_the_load_checks(vllm_commands, arch):
     """Our launcher's blend engine for each checkpoint: vLLM's own `serve` parser takes it, serves
     the class LMCache's blender computes (Mistral as Llama), and no load-time check refuses it."""
     from helpers.gpu import launch
 
-    r = vllm_rows["commands"][f"launcher {arch}"]
+    r = vllm_commands[f"launcher {arch}"]
     architecture = tc.ARCHS[arch][1]
     assert r["result"] == "ok"
     assert r["architecture"] == (launch.SUPPORTED_ARCHS[architecture] or architecture)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["launcher full engine", "docs by hand"])
-def test_the_full_engine_and_the_documented_command_are_accepted(vllm_rows, case):
+def test_the_full_engine_and_the_documented_command_are_accepted(vllm_commands, case):
     """The plain engine's command parses; docs/gpu.md's by-hand command gives a blend engine the
     load-time checks accept."""
-    assert vllm_rows["commands"][case]["result"] == "ok"
+    assert vllm_commands[case]["result"] == "ok"
 
 
 @pytest.mark.parametrize("case, says", [
@@ -259,11 +270,12 @@ def test_the_full_engine_and_the_documented_command_are_accepted(vllm_rows, case
     ("tensor parallel 2", ["--tensor-parallel-size 2"]),
     ("dynamic rope", ["rope_type 'dynamic'"]),
 ])
-def test_what_a_user_may_type_is_refused_by_name(vllm_rows, case, says):
+@pytest.mark.slow
+def test_what_a_user_may_type_is_refused_by_name(vllm_commands, case, says):
     """vLLM's defaults (prefix caching, CUDA graphs, a token budget below the context), a Mistral
     checkpoint served under its own class, tensor parallelism and a dynamic RoPE, each in vLLM's own
     config: refused at load, saying what to pass."""
-    result = vllm_rows["commands"][case]["result"]
+    result = vllm_commands[case]["result"]
     assert result.startswith("refused: "), result
     for words in says:
         assert words in result
@@ -338,6 +350,7 @@ def plugin_loader(case: str) -> subprocess.CompletedProcess:
     ("moved_symbol", "refused: BlendRefused: kvblend: blending refused: ModuleNotFoundError: No module "
                      "named 'lmcache.integration'"),
 ])
+@pytest.mark.slow  # a process each, about 7 s
 def test_vllms_plugin_loader_survives_our_entry_point(case, load_model):
     run = plugin_loader(case)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -345,6 +358,7 @@ def test_vllms_plugin_loader_survives_our_entry_point(case, load_model):
     assert out["loader_returned"] and out["load_model"].startswith(load_model), out
 
 
+@pytest.mark.slow
 def test_the_pinned_pair_gets_every_patch_and_stores_only_what_asks():
     """vLLM 0.26 and LMCache 0.5.3's own Python code: every patch applies (the worker's load_model
     wrapped, LMCache's request reading, its blend), and LMCache's connector stores a request's
@@ -359,6 +373,7 @@ def test_the_pinned_pair_gets_every_patch_and_stores_only_what_asks():
     assert out["saved_unpatched"] == {"plain client": True}, out
 
 
+@pytest.mark.slow
 def test_negative_control_vllms_loader_lets_a_raising_plugin_through():
     """Why register() must never raise: vLLM's loader does not catch what a plugin's call raises."""
     run = plugin_loader("raising")
