@@ -26,7 +26,10 @@ Llama-3.1's answer moves far from the reference.
 vLLM's plugin loader (tests/vllm_plugin_loader.py) calls our entry point in a plain engine, a blend
 engine without LMCache and one whose LMCache lacks what the plugin patches: it returns each time,
 and only the blend engines stop, at model load, saying why. With LMCache 0.5.3's own Python code
-every patch applies, and LMCache's connector stores only the requests that ask."""
+every patch applies, and LMCache's connector stores only the requests that ask.
+
+Tensor parallelism (tests/vllm_tp.py): two ranks in vLLM's own tensor-parallel group (gloo), each
+holding half of the KV heads, select the tokens one rank holding all of them would."""
 
 import importlib.util
 import json
@@ -378,3 +381,19 @@ def test_negative_control_vllms_loader_lets_a_raising_plugin_through():
     """Why register() must never raise: vLLM's loader does not catch what a plugin's call raises."""
     run = plugin_loader("raising")
     assert run.returncode != 0 and "RuntimeError: a plugin that raises" in run.stderr, run.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ vLLM's tensor-parallel group
+@pytest.mark.slow  # two vLLM processes, about 13 s
+def test_ranks_in_vllms_tensor_parallel_group_select_as_one_rank():
+    """The fast path finds vLLM's group itself; through it the fast path's and the mended blender's
+    selections on each rank are the one-rank selection. Negative control: each rank alone (no
+    all-reduce) selects other tokens than the other rank."""
+    run = subprocess.run([sys.executable, "-m", "tests.vllm_tp"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    for r in out["ranks"]:
+        assert r["tp_world_size"] == 2 and r["found_vllms_group"], r
+        assert r["fast"] == out["one_rank"] and r["mended"] == out["one_rank"], r
+    assert out["ranks"][0]["alone"] != out["ranks"][1]["alone"]
