@@ -87,6 +87,7 @@ def rank_main(rank, rendezvous, out):
             "dev_untouched": torch.equal(dev, bl.deviation(fresh, cached)),
         }
         torch.save(result, f"{out}.{rank}")
+        dist.barrier()  # both ranks done before either tears gloo down (else it may abort the other)
     finally:
         dist.destroy_process_group()
 

@@ -49,6 +49,7 @@ def rank_main(rank: int, rendezvous: str, out: str) -> None:
             "mended": mended_selection(fresh, cached).tolist(),
         }
         torch.save(result, f"{out}.{rank}")
+        torch.distributed.barrier()  # both ranks done before either exits (gloo may abort the other)
 
 
 def main() -> None:
