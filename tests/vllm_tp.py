@@ -11,6 +11,7 @@ plain gloo group standing in for vLLM's.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +50,8 @@ def rank_main(rank: int, rendezvous: str, out: str) -> None:
             "mended": mended_selection(fresh, cached).tolist(),
         }
         torch.save(result, f"{out}.{rank}")
-        torch.distributed.barrier()  # both ranks done before either exits (gloo may abort the other)
+        torch.distributed.barrier()  # both ranks done
+    os._exit(0)  # without gloo's teardown at exit, which aborts a rank now and then (SIGABRT)
 
 
 def main() -> None:
