@@ -76,6 +76,17 @@ def vllm_commands(tmp_path_factory):
     return exported("commands", tmp_path_factory.mktemp("vllm"))["commands"]
 
 
+def run_module(module: str, *args: str, timeout: int = 300) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run `python -m module args` in its own process (vLLM never enters this one): the JSON object
+    it printed last, and the process."""
+    run = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{"))
+    print(line)
+    return json.loads(line), run
+
+
 def full(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A cache saved at `positions` as one indexable by position, NaN where nothing was saved (a
     position outside them turns everything it touches into NaN, and the check fails)."""
@@ -193,14 +204,12 @@ class Seen:
 
 
 def served_config() -> types.SimpleNamespace:
-    """vLLM's config as our launcher starts a blend engine (what the checks pass)."""
+    """vLLM's config as our launcher starts a blend engine (what the checks pass), with a KV
+    connector config so that what the checks read inside it is recorded too."""
+    from tests.test_vllm_plugin import vllm_config
+
     ns = types.SimpleNamespace
-    return ns(parallel_config=ns(tensor_parallel_size=1, pipeline_parallel_size=1),
-              model_config=ns(enforce_eager=True, max_model_len=4096, dtype=torch.bfloat16,
-                              hf_config={"rope_theta": 10000.0}, architecture="LlamaForCausalLM"),
-              cache_config=ns(enable_prefix_caching=False, gpu_memory_utilization=0.5),
-              scheduler_config=ns(max_num_batched_tokens=4096),
-              kv_transfer_config=ns(kv_connector_extra_config={}))
+    return ns(**vars(vllm_config()), kv_transfer_config=ns(kv_connector_extra_config={}))
 
 
 def names_read(config) -> set[tuple[str, ...]]:
@@ -288,12 +297,7 @@ def test_what_a_user_may_type_is_refused_by_name(vllm_commands, case, says):
 @pytest.fixture(scope="module")
 def fast_path_on_vllm():
     """tests/vllm_fast_path.py's numbers, run in its own process."""
-    run = subprocess.run([sys.executable, "-m", "tests.vllm_fast_path"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{"))
-    print(line)
-    return json.loads(line)
+    return run_module("tests.vllm_fast_path", timeout=900)[0]
 
 
 @pytest.mark.model  # the checkpoints carry SmolLM2's tokenizer, from the converted model
@@ -341,11 +345,6 @@ def test_negative_control_lmcaches_rerotation_fails_llama31_on_vllms_model(fast_
 
 
 # ------------------------------------------------------------------ vLLM's plugin loader
-def plugin_loader(case: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.vllm_plugin_loader", case], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("case, load_model", [
     ("plain", "original"),
     ("no_lmcache", "refused: BlendRefused: kvblend: blending refused: this environment has lmcache "
@@ -355,9 +354,7 @@ def plugin_loader(case: str) -> subprocess.CompletedProcess:
 ])
 @pytest.mark.slow  # a process each, about 7 s
 def test_vllms_plugin_loader_survives_our_entry_point(case, load_model):
-    run = plugin_loader(case)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    out, _ = run_module("tests.vllm_plugin_loader", case)
     assert out["loader_returned"] and out["load_model"].startswith(load_model), out
 
 
@@ -367,9 +364,7 @@ def test_the_pinned_pair_gets_every_patch_and_stores_only_what_asks():
     wrapped, LMCache's request reading, its blend), and LMCache's connector stores a request's
     segments only when it sends `lmcache.save` (a plain client's, or one with other LMCache keys, is
     not stored); without the plugin's reading, LMCache stores the plain client's (negative control)."""
-    run = plugin_loader("pinned_pair")
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    out, run = run_module("tests.vllm_plugin_loader", "pinned_pair")
     assert "kvblend plugin active" in run.stdout + run.stderr
     assert out["load_model"] == "wrapped" and out["save_wrapped"] and out["blend_wrapped"], out
     assert out["saved"] == {"plain client": False, "another lmcache key": False, "precompute": True}, out
@@ -379,7 +374,8 @@ def test_the_pinned_pair_gets_every_patch_and_stores_only_what_asks():
 @pytest.mark.slow
 def test_negative_control_vllms_loader_lets_a_raising_plugin_through():
     """Why register() must never raise: vLLM's loader does not catch what a plugin's call raises."""
-    run = plugin_loader("raising")
+    run = subprocess.run([sys.executable, "-m", "tests.vllm_plugin_loader", "raising"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "RuntimeError: a plugin that raises" in run.stderr, run.stderr[-2000:]
 
 
@@ -389,10 +385,7 @@ def test_ranks_in_vllms_tensor_parallel_group_select_as_one_rank():
     """The fast path finds vLLM's group itself; through it the fast path's and the mended blender's
     selections on each rank are the one-rank selection. Negative control: each rank alone (no
     all-reduce) selects other tokens than the other rank."""
-    run = subprocess.run([sys.executable, "-m", "tests.vllm_tp"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(next(x for x in reversed(run.stdout.splitlines()) if x.startswith("{")))
+    out, _ = run_module("tests.vllm_tp")
     for r in out["ranks"]:
         assert r["tp_world_size"] == 2 and r["found_vllms_group"], r
         assert r["fast"] == out["one_rank"] and r["mended"] == out["one_rank"], r

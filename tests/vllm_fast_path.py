@@ -65,6 +65,8 @@ def vllm_model(path: Path, architecture: str | None):
         model = initialize_model(vllm_config=config)
         model.load_weights(load_file(path / "model.safetensors").items())
         process_weights_after_loading(model, model_config, torch.device("cpu"))
+    for layer in model.model.layers:  # the paged-cache write, in PyTorch
+        layer.self_attn.attn.impl = PagedWrite(layer.self_attn.attn.impl.scale)
     return model.eval()
 
 
@@ -132,8 +134,6 @@ def blend(model, host, ids, ratio, process_qkv, check_layer=CHECK_LAYER, cut=seg
     layers = model.model.layers
     attn = layers[0].self_attn.attn
     kv_heads, d = attn.num_kv_heads, attn.head_size
-    for layer in layers:
-        layer.self_attn.attn.impl = PagedWrite(layer.self_attn.attn.impl.scale)
     layerwise = types.SimpleNamespace(vllm_model=model, lmc_attn_layers=[FullAttention()] * len(layers))
     if process_qkv is not None:
         layerwise._process_qkv = process_qkv
